@@ -21,8 +21,16 @@ import yaml
 T = TypeVar("T", bound="StrictConfig")
 
 
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; its message says what and how."""
+class WorkshopError(Exception):
+    """A problem the user can fix (bad input, missing files, ...): shown as one message, no traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(WorkshopError, ValueError):
+    """A configuration problem; its message says what is wrong and how to fix it."""
+
+    exit_code = 2
 
 
 class StrictConfig(pydantic.BaseModel):
@@ -98,7 +106,7 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    return yaml.load(text, Loader=_Loader)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,266 @@
+"""Checkpoints with Orbax: sharded state, data-iterator position, config and metadata.
+
+Layout: ``WORKDIR/checkpoints/<step>/{state,data,config,metadata}`` (written by every process;
+each host writes its own shards and its own ``data/process_<i>-of-<n>.json``). A save is
+atomic: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a
+killed save leaves only a temporary directory, which is ignored and cleaned up. No pickle
+anywhere: loading a checkpoint reads arrays and JSON and never runs code.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from workshop_dist.config import WorkshopError
+
+STATE, DATA, CONFIG, METADATA = "state", "data", "config", "metadata"
+ITEMS = (STATE, DATA, CONFIG, METADATA)
+BEST_METRIC = "val_loss"
+log = logging.getLogger("workshop_dist")
+
+
+class _OnlySomeSavesHaveMetrics(logging.Filter):
+    """Periodic saves carry no validation loss by design; Orbax warns about each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_OnlySomeSavesHaveMetrics())
+
+
+class CheckpointError(WorkshopError):
+    """A checkpoint is missing, unreadable or does not fit the model/configuration."""
+
+
+def _grain_args():
+    import grain.checkpoint as grain_checkpoint
+
+    return grain_checkpoint.CheckpointSave, grain_checkpoint.CheckpointRestore
+
+
+def _save_args(state: Any, data_iterator: Any, config: Mapping | None, metadata: Mapping) -> ocp.args.Composite:
+    items: dict[str, Any] = {STATE: ocp.args.StandardSave(state), METADATA: ocp.args.JsonSave(dict(metadata))}
+    if config is not None:
+        items[CONFIG] = ocp.args.JsonSave(dict(config))
+    if data_iterator is not None:
+        items[DATA] = _grain_args()[0](data_iterator)
+    return ocp.args.Composite(**items)
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
+def check_shapes(saved: Any, target: Any, where: str) -> None:
+    """Raise a CheckpointError naming each array whose saved shape differs from the target's."""
+    saved_leaves = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    target_leaves = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    problems = []
+    for name, leaf in target_leaves.items():
+        if name not in saved_leaves:
+            problems.append(f"{name}: in the model but not in the checkpoint")
+        elif tuple(getattr(saved_leaves[name], "shape", ())) != tuple(leaf.shape):
+            problems.append(
+                f"{name}: checkpoint has shape {tuple(saved_leaves[name].shape)}, the model expects {tuple(leaf.shape)}"
+            )
+    problems += [f"{name}: in the checkpoint but not in the model" for name in saved_leaves if name not in target_leaves]
+    if problems:
+        shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise CheckpointError(
+            f"Checkpoint {where} does not match the model/configuration:\n  {shown}\n"
+            "It was written by a different model or optimizer configuration: use the configuration it was "
+            "saved with (stored in its 'config' item), or start in a fresh workdir."
+        )
+
+
+def _restore_composite(
+    restore: Any, metadata_of: Any, where: str, abstract_state: Any, data_iterator: Any
+) -> tuple[Any, dict]:
+    """Restore via ``restore(args)`` after checking shapes against ``metadata_of()``."""
+    saved = metadata_of()
+    saved_state = saved[STATE] if STATE in saved else None
+    if saved_state is None:
+        raise CheckpointError(f"Checkpoint {where} has no '{STATE}' item.")
+    check_shapes(saved_state, abstract_state, where)
+    items: dict[str, Any] = {STATE: ocp.args.StandardRestore(abstract_state), METADATA: ocp.args.JsonRestore()}
+    if data_iterator is not None:
+        if DATA not in saved or (saved[DATA] is None and not (Path(where) / DATA).exists()):
+            raise CheckpointError(f"Checkpoint {where} holds no data-iterator position.")
+        items[DATA] = _grain_args()[1](data_iterator)
+    restored = restore(ocp.args.Composite(**items))
+    return restored[STATE], dict(restored[METADATA] or {})
+
+
+class CheckpointManager:
+    """Periodic, async checkpoints of a run; keeps the latest ``max_to_keep`` plus the best one.
+
+    The best checkpoint is the one with the lowest ``val_loss`` among those saved with
+    metrics; the latest-N rule never removes it.
+    """
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 5, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        preservation = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=max_to_keep),
+                policies.BestN(
+                    get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                    reverse=True,  # keep the lowest loss
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            best_fn=lambda metrics: metrics[BEST_METRIC],  # makes Orbax store each save's metrics
+            best_mode="min",
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            preservation_policy=preservation,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The saved step with the lowest validation loss (None if none was saved with one)."""
+        scored = []
+        for step in self.all_steps():
+            metrics = self._manager.metrics(step)
+            if metrics and BEST_METRIC in metrics:
+                scored.append((float(metrics[BEST_METRIC]), step))
+        return min(scored)[1] if scored else None
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metadata: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
+        data_iterator: Any = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> bool:
+        """Start saving ``step`` (async: returns once the device arrays are copied off)."""
+        if step in self._manager.all_steps():
+            return False
+        args = _save_args(state, data_iterator, config, metadata)
+        return self._manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
+
+    def wait(self) -> None:
+        """Block until every pending save is complete on disk."""
+        self._manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, *, data_iterator: Any = None, step: int | None = None) -> tuple[Any, dict, int]:
+        """Restore ``step`` (default: the latest readable one) into ``abstract_state``'s shardings.
+
+        An unreadable checkpoint is skipped with a warning naming it and the previous one is
+        tried; a shape mismatch is an error (every older checkpoint would mismatch too).
+        """
+        steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"No checkpoint found in {self.directory}.")
+        failures = []
+        for candidate in steps:
+            where = str(self.directory / str(candidate))
+            try:
+                state, metadata = _restore_composite(
+                    lambda args, s=candidate: self._manager.restore(s, args=args),
+                    lambda s=candidate: self._manager.item_metadata(s),
+                    where,
+                    abstract_state,
+                    data_iterator,
+                )
+                return state, metadata, candidate
+            except CheckpointError as err:
+                if "does not match" in str(err):
+                    raise
+                failures.append(f"{where}: {err}")
+            except Exception as err:  # unreadable or damaged files: fall back to an older step
+                failures.append(f"{where}: {type(err).__name__}: {err}")
+            log.warning("Checkpoint %s is unreadable, trying an older one: %s", where, failures[-1])
+        raise CheckpointError(
+            f"No readable checkpoint in {self.directory}:\n  " + "\n  ".join(failures) + "\n"
+            "Remove the damaged step directories, or start in a fresh workdir."
+        )
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def save_checkpoint_dir(
+    path: str | Path, state: Any, *, metadata: Mapping[str, Any], config: Mapping | None = None, data_iterator: Any = None
+) -> Path:
+    """Write one checkpoint directory at ``path`` (synchronously), replacing an existing one atomically.
+
+    The new checkpoint is complete on disk before the old one is removed.
+    """
+    path = Path(path).absolute()
+    staging = path.with_name(path.name + ".saving")
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer.save(staging, args=_save_args(state, data_iterator, config, metadata), force=True)
+    checkpointer.close()
+    if jax.process_index() == 0:
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            path.rename(old)
+        staging.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    _sync(f"save_checkpoint_dir:{path}")
+    return path
+
+
+def load_checkpoint_dir(path: str | Path, abstract_state: Any, *, data_iterator: Any = None) -> tuple[Any, dict]:
+    """Read a checkpoint directory written by :func:`save_checkpoint_dir` or a manager step dir."""
+    path = Path(path).absolute()
+    if not (path / STATE).is_dir():
+        hint = " It looks like a run's checkpoint folder: pass one of its step directories." if path.is_dir() else ""
+        raise CheckpointError(f"No checkpoint at {path} (expected a directory with a '{STATE}' item).{hint}")
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        return _restore_composite(
+            lambda args: checkpointer.restore(path, args=args),
+            lambda: checkpointer.metadata(path).item_metadata,
+            str(path),
+            abstract_state,
+            data_iterator,
+        )
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"Checkpoint {path} is unreadable: {type(err).__name__}: {err}") from None
+    finally:
+        checkpointer.close()
+
+
+def read_json_item(path: str | Path, item: str = CONFIG) -> dict | None:
+    """The JSON ``config``/``metadata`` item of a checkpoint directory, or None if absent."""
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        return checkpointer.restore(Path(path).absolute(), args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+    except Exception:
+        return None
+    finally:
+        checkpointer.close()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,159 @@
+"""``workshop-train``: train from a YAML config plus ``section.field=value`` overrides.
+
+With no arguments it trains the packaged default (``configs/vae_digits.yaml``) on all local
+devices and writes to ``./workdir``. Running the same command again resumes.
+
+Exit codes: 0 done; 1 runtime user error (data, checkpoint); 2 configuration error;
+3 non-finite loss; 75 preempted after a successful checkpoint (rerun to resume); 130 interrupted
+before any checkpoint could be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_CONFIG = "vae_digits.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workshop-train",
+        description="Train a generative model. Overrides look like training.optimizer.learning_rate=3e-4.",
+    )
+    parser.add_argument("--config", help="YAML or JSON config (default: the packaged vae_digits.yaml).")
+    parser.add_argument("--workdir", default="./workdir", help="Checkpoints, logs and samples go here.")
+    parser.add_argument("--restore", metavar="PATH", help="Start from this checkpoint directory (if WORKDIR has none).")
+    parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
+    parser.add_argument("--quiet", action="store_true", help="Only warnings and errors.")
+    parser.add_argument("--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks for user errors.")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value")
+    return parser
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("workshop_dist") / "configs" / DEFAULT_CONFIG))
+
+
+def load_config(path: str | None, overrides: list[str]):
+    """The validated experiment configuration (the packaged default when ``path`` is None)."""
+    from workshop_dist.experiment import ExperimentConfiguration
+
+    return ExperimentConfiguration.load(path or default_config_path(), overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from workshop_dist.config import WorkshopError
+    from workshop_dist.training.preemption import EXIT_PREEMPTED, Preempted
+
+    try:
+        return run(args)
+    except WorkshopError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"workshop-train: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except Preempted as stop:
+        print(f"workshop-train: {stop}. Run the same command again to resume.", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print("workshop-train: interrupted.", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+
+    from workshop_dist import distributed
+
+    distributed.initialize(config.distributed)  # before anything else touches the devices
+
+    from flax import nnx
+
+    from workshop_dist import data, parallel
+    from workshop_dist.metrics import Logger
+    from workshop_dist.models import create_model
+    from workshop_dist.training import Trainer
+    from workshop_dist.training.preemption import PreemptionWatcher
+
+    workdir = Path(args.workdir).absolute()
+    logger = Logger(workdir / "logs", level=logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    training = config.training
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch_size(training.batch_size, mesh)
+    logger.info(distributed.topology_summary(mesh, training.batch_size // _process_count()))
+
+    train_input = data.make_train_input(config.data, global_batch_size=training.batch_size, seed=training.seed)
+    val_input = data.make_eval_input(config.data, global_batch_size=training.batch_size)
+    model = create_model(config.model, rngs=nnx.Rngs(training.seed))
+    watcher = PreemptionWatcher().install()
+    trainer = Trainer(
+        model,
+        training,
+        train_input,
+        val_input,
+        workdir,
+        logger=logger,
+        mesh=mesh,
+        mesh_config=config.mesh,
+        experiment_config=config.model_dump(mode="json"),
+        preemption=watcher,
+    )
+    try:
+        _resume_or_start(trainer, training, args.restore or training.restore_from, logger)
+        if distributed.is_primary():
+            workdir.mkdir(parents=True, exist_ok=True)
+            config.save(workdir / "config.yaml")
+        trainer.fit()
+        final = trainer.write_samples()
+    finally:
+        trainer.close()
+        watcher.uninstall()
+    if distributed.is_primary() and not args.quiet:
+        print(f"Trained {trainer.step} steps. Outputs in {workdir}:")
+        print(f"  checkpoints  {trainer.checkpoint_dir}/<step>/  (latest: {trainer.checkpoints.latest_step()})")
+        print(f"  metrics      {workdir / 'logs' / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {workdir / 'logs'})")
+        if final is not None:
+            print(f"  samples      {final}")
+        print(f"  config       {workdir / 'config.yaml'}")
+    return 0
+
+
+def _resume_or_start(trainer, training, restore_path: str | None, logger) -> None:
+    """Auto-resume from WORKDIR, refuse to overwrite when resume=false, else start (maybe from a path)."""
+    from workshop_dist.config import ConfigError
+
+    existing = trainer.checkpoints.all_steps()
+    if existing and not training.resume:
+        raise ConfigError(
+            f"{trainer.checkpoint_dir} already holds checkpoints (latest step {existing[-1]}) and "
+            "training.resume=false: refusing to overwrite them. Use a new --workdir, delete the old one, "
+            "or drop training.resume=false to continue that run."
+        )
+    if existing:
+        step = trainer.restore()
+        logger.info("Resumed from %s/%d (step %d).", trainer.checkpoint_dir, step, trainer.step)
+    elif restore_path:
+        trainer.load_checkpoint(restore_path)
+        logger.info("Started from checkpoint %s (step %d).", restore_path, trainer.step)
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+if __name__ == "__main__":  # guarded: Grain worker processes re-import __main__
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Input data: sources, batching and the Grain pipeline.
+
+The trainer calls :func:`make_train_input` / :func:`make_eval_input` (or the in-memory
+:func:`array_train_input` / :func:`array_eval_input`) and gets host-local numpy batches;
+``parallel.host_batch_to_global`` turns each into a global sharded batch.
+
+Importing this package starts nothing and writes nothing (Grain workers re-import it).
+"""
+
+from workshop_dist.data.config import DataConfiguration
+from workshop_dist.data.pipeline import (
+    EvalInput,
+    TrainInput,
+    array_eval_input,
+    array_train_input,
+    make_eval_input,
+    make_train_input,
+)
+from workshop_dist.data.records import write_array_record
+from workshop_dist.data.sources import DatasetNotPreparedError, resolve_data_dir
+
+__all__ = [
+    "DataConfiguration",
+    "DatasetNotPreparedError",
+    "EvalInput",
+    "TrainInput",
+    "array_eval_input",
+    "array_train_input",
+    "make_eval_input",
+    "make_train_input",
+    "resolve_data_dir",
+    "write_array_record",
+]

@@ -1,0 +1,55 @@
+"""Configuration of the input pipeline (the ``data`` section)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from workshop_dist.config import StrictConfig
+
+
+class DataConfiguration(StrictConfig):
+    """Where examples come from and how they are turned into batches."""
+
+    source: str = pydantic.Field(
+        "digits",
+        description="'digits' (built in), 'tfds:NAME[:CONFIG]' or 'array_record:GLOB'.",
+    )
+    data_dir: str | None = pydantic.Field(
+        None, description="Directory of prepared datasets (TFDS data_dir). Default: ~/.cache/workshop_dist/data."
+    )
+    train_split: str = "train"
+    eval_split: str = "validation"
+    image_key: str = pydantic.Field("image", description="Feature holding the image in each example.")
+    normalize: Literal["unit", "levels"] = pydantic.Field(
+        "unit", description="'unit': float32 in [0, 1]; 'levels': keep the integer pixel levels."
+    )
+    max_level: float | None = pydantic.Field(
+        None,
+        gt=0,
+        description="Pixel level that maps to 1.0 with normalize='unit'. Default: 16 for digits, the "
+        "integer image dtype's maximum (255 for uint8) otherwise, 1.0 for float images.",
+    )
+    binarize: bool = pydantic.Field(False, description="Threshold unit images at 0.5 (Bernoulli data).")
+    random_flip: bool = pydantic.Field(False, description="Random horizontal flips of training images.")
+    shuffle: bool = True
+    worker_count: int = pydantic.Field(
+        0, ge=0, description="Grain worker processes (0: in the main process). Pay off only for heavy decoding."
+    )
+    prefetch: int = pydantic.Field(
+        2, ge=0, description="Batches prepared ahead of the training step (in a thread, or per worker)."
+    )
+    download: bool = pydantic.Field(False, description="Allow TFDS to download and prepare missing datasets.")
+
+    @pydantic.field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        kind = value.split(":", 1)[0]
+        if value != "digits" and kind not in ("tfds", "array_record"):
+            raise ValueError(
+                f"unknown data source '{value}': use 'digits', 'tfds:NAME[:CONFIG]' or 'array_record:GLOB'"
+            )
+        if kind in ("tfds", "array_record") and not value.split(":", 1)[1:]:
+            raise ValueError(f"data source '{value}' needs a name after '{kind}:'")
+        return value

@@ -1,0 +1,456 @@
+"""The Grain input pipeline: host-local numpy batches for training and evaluation.
+
+Training, per process (all Grain ``MapDataset`` steps, so every element has an index and
+the iterator state is a position)::
+
+    source -> this process's shard -> shuffle (new permutation each epoch)
+           -> first steps_per_epoch * local_batch of each epoch -> repeat forever
+           -> decode, standardize -> random flip -> batch -> prefetch (thread or workers)
+
+Each epoch is exactly ``steps_per_epoch`` batches built from that epoch's permutation
+only (clean boundaries); every process yields the same number of steps because
+``steps_per_epoch = num_examples // global_batch_size`` and every shard holds at least
+``steps_per_epoch * local_batch`` examples. The examples left over in an epoch differ
+from epoch to epoch. Worker processes each build every ``worker_count``-th batch and
+Grain interleaves them back in order, so the batches do not depend on ``worker_count``.
+
+Evaluation: each process batches its shard, pads the last batch and appends fully masked
+batches so all processes yield the same number; ``mask`` marks real examples.
+
+The host -> device step is not here: the trainer calls ``parallel.host_batch_to_global``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from workshop_dist.config import ConfigError
+from workshop_dist.data.arrays import as_example_dict, eval_num_batches, process_padded_batches, shard_bounds
+from workshop_dist.data.config import DataConfiguration
+from workshop_dist.data.sources import ArraySource, Source, open_source
+from workshop_dist.data.transforms import AddMask, EpochShuffle, RandomFlip, Standardize
+
+Batch = dict[str, np.ndarray]
+
+
+class TrainInput:
+    """Infinite iterator of this process's training batches, epoch after epoch.
+
+    The trainer takes ``steps_per_epoch`` batches per epoch. ``iterator`` is the Grain
+    ``DatasetIterator`` that holds all the state: save it with
+    ``grain.checkpoint.CheckpointSave(train_input.iterator)`` in an Orbax checkpoint, or
+    use :meth:`get_state` / :meth:`set_state` (JSON-able dicts).
+    """
+
+    def __init__(
+        self,
+        dataset: grain.IterDataset,
+        batches: grain.MapDataset,
+        *,
+        steps_per_epoch: int,
+        num_examples: int,
+        global_batch_size: int,
+        local_batch_size: int,
+        uses_workers: bool,
+    ):
+        self._dataset = dataset
+        self._batches = batches
+        self.steps_per_epoch = steps_per_epoch
+        self.num_examples = num_examples
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = local_batch_size
+        self._uses_workers = uses_workers
+        self._iterator: grain.DatasetIterator | None = None
+
+    @property
+    def iterator(self) -> grain.DatasetIterator:
+        """The underlying Grain iterator (created on first use; workers start on first batch)."""
+        if self._iterator is None:
+            if self._uses_workers:
+                _mark_flags_parsed()
+            self._iterator = iter(self._dataset)
+        return self._iterator
+
+    @functools.cached_property
+    def element_spec(self) -> dict[str, Any]:
+        """``jax.ShapeDtypeStruct`` of each array of one host batch."""
+        return _spec(self._batches[0])
+
+    def __iter__(self) -> TrainInput:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self.iterator)
+        if self._uses_workers:
+            # Workers hand over shared-memory arrays that are freed only when garbage
+            # collected (warnings at exit if still alive); a plain copy frees them now.
+            batch = {key: np.array(value) for key, value in batch.items()}
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.iterator.set_state(state)
+
+    def close(self) -> None:
+        """Stop worker processes and threads; a later batch starts a new iterator."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
+
+class EvalInput:
+    """A full pass over an eval split on every ``iter()``; every batch carries ``mask``.
+
+    All processes yield ``num_batches`` batches of ``local_batch_size``; over all of
+    them the masks sum to ``num_examples``.
+    """
+
+    def __init__(
+        self,
+        make_iterator: Callable[[], Iterator[Batch]],
+        *,
+        num_examples: int,
+        num_batches: int,
+        global_batch_size: int,
+        local_batch_size: int,
+        first_batch: Callable[[], Batch],
+    ):
+        self._make_iterator = make_iterator
+        self._first_batch = first_batch
+        self.num_examples = num_examples
+        self.num_batches = num_batches
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = local_batch_size
+
+    @functools.cached_property
+    def element_spec(self) -> dict[str, Any]:
+        return _spec(self._first_batch())
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._make_iterator()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+# ----------------------------------------------------------------------------- public factories
+
+
+def make_train_input(
+    config: DataConfiguration,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainInput:
+    """Training batches of ``config.train_split`` for this process (see the module docstring).
+
+    ``process_index`` / ``process_count`` default to JAX's; tests pass them to simulate hosts.
+    """
+    source = open_source(config, config.train_split)
+    examples = _source_dataset(source)
+    return _train_input(
+        examples,
+        _standardize(config, source, examples),
+        global_batch_size=global_batch_size,
+        seed=seed,
+        shuffle=config.shuffle,
+        random_flip=config.random_flip,
+        worker_count=config.worker_count,
+        prefetch=config.prefetch,
+        process=_process(process_index, process_count),
+    )
+
+
+def make_eval_input(
+    config: DataConfiguration,
+    *,
+    global_batch_size: int,
+    split: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalInput:
+    """Padded, masked full passes over ``split`` (default ``config.eval_split``)."""
+    source = open_source(config, split or config.eval_split)
+    examples = _source_dataset(source)
+    return _grain_eval_input(
+        examples,
+        [_standardize(config, source, examples), AddMask()],
+        global_batch_size=global_batch_size,
+        prefetch=config.prefetch,
+        process=_process(process_index, process_count),
+    )
+
+
+def array_train_input(
+    examples: np.ndarray | Mapping[str, np.ndarray],
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    prefetch: int = 2,
+) -> TrainInput:
+    """Training batches over in-memory arrays (a bare array is the ``image`` feature).
+
+    Same epochs, sharding, shuffling and state as :func:`make_train_input`. The arrays
+    are used as given (no normalization), except float64 becomes float32.
+    """
+    source = ArraySource(_in_memory(examples))
+    return _train_input(
+        grain.MapDataset.source(source),
+        None,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        random_flip=False,
+        worker_count=worker_count,
+        prefetch=prefetch,
+        process=_process(process_index, process_count),
+    )
+
+
+def array_eval_input(
+    examples: np.ndarray | Mapping[str, np.ndarray],
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalInput:
+    """Padded, masked passes over in-memory arrays; each process takes its part of them."""
+    arrays = _in_memory(examples)
+    index, count = _process(process_index, process_count)
+    local = local_batch_size(global_batch_size, count)
+    num = len(next(iter(arrays.values())))
+    if num == 0:
+        raise ConfigError("Cannot evaluate on an empty set of examples.")
+
+    def batches() -> Iterator[Batch]:
+        return process_padded_batches(
+            arrays, global_batch_size=global_batch_size, process_index=index, process_count=count
+        )
+
+    return EvalInput(
+        batches,
+        num_examples=num,
+        num_batches=eval_num_batches(num, local, count),
+        global_batch_size=global_batch_size,
+        local_batch_size=local,
+        first_batch=lambda: next(batches()),
+    )
+
+
+# ----------------------------------------------------------------------------- pipeline builders
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """This process's share of the global batch; a ConfigError unless it divides evenly."""
+    if global_batch_size <= 0:
+        raise ConfigError(f"The global batch size must be positive, got {global_batch_size}.")
+    if global_batch_size % process_count:
+        raise ConfigError(
+            f"The global batch size {global_batch_size} is not divisible by the {process_count} processes; "
+            f"use a multiple of {process_count}."
+        )
+    return global_batch_size // process_count
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """A 32-bit seed for one random step of one process: a hash of ``(seed, *path)``.
+
+    Shuffles and flips of different processes, and of seeds ``s`` and ``s + 1``, are then
+    unrelated (Grain's own shuffle reseeds epochs with ``seed + epoch``, which would not be).
+    """
+    if seed < 0:
+        raise ConfigError(f"The data seed must be non-negative, got {seed}.")
+    return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
+
+
+_SHUFFLE, _FLIP = 0, 1
+
+
+def _train_input(
+    examples: grain.MapDataset,
+    standardize: grain.transforms.Map | None,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool,
+    random_flip: bool,
+    worker_count: int,
+    prefetch: int,
+    process: tuple[int, int],
+) -> TrainInput:
+    index, count = process
+    num_examples = len(examples)
+    local = local_batch_size(global_batch_size, count)
+    steps_per_epoch = num_examples // global_batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"The training split has {num_examples} examples, fewer than one global batch of "
+            f"{global_batch_size}; use a smaller batch size or more data."
+        )
+    start, stop = shard_bounds(num_examples, index, count)
+    ds = examples[start:stop]
+    if shuffle:
+        ds = EpochShuffle(ds, seed=derive_seed(seed, index, _SHUFFLE))
+    # Slicing after the shuffle keeps epoch e's permutation for epoch e (Grain's slice maps
+    # index e * len + i to epoch e of its parent); the shard always has enough examples.
+    ds = ds[: steps_per_epoch * local].repeat()
+    if standardize is not None:
+        ds = ds.map(standardize)
+    if random_flip:
+        ds = ds.random_map(RandomFlip(), seed=derive_seed(seed, index, _FLIP))
+    batches = ds.batch(local, drop_remainder=True)
+    iter_ds = batches.to_iter_dataset(_read_options(prefetch))
+    if worker_count:
+        iter_ds = iter_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(1, prefetch))
+        )
+    return TrainInput(
+        iter_ds,
+        batches,
+        steps_per_epoch=steps_per_epoch,
+        num_examples=num_examples,
+        global_batch_size=global_batch_size,
+        local_batch_size=local,
+        uses_workers=worker_count > 0,
+    )
+
+
+def _grain_eval_input(
+    examples: grain.MapDataset,
+    transforms: Sequence[grain.transforms.Map],
+    *,
+    global_batch_size: int,
+    prefetch: int,
+    process: tuple[int, int],
+) -> EvalInput:
+    index, count = process
+    num_examples = len(examples)
+    if num_examples == 0:
+        raise ConfigError("The evaluation split is empty.")
+    local = local_batch_size(global_batch_size, count)
+    num_batches = eval_num_batches(num_examples, local, count)
+    start, stop = shard_bounds(num_examples, index, count)
+    real = _apply(examples[start:stop], transforms)
+    padding_count = num_batches * local - (stop - start)
+    parts = [real] if stop > start else []
+    if padding_count:
+        template = _apply(examples, transforms)[0]
+        parts.append(grain.MapDataset.source(_Padding(_zeros_like(template), padding_count)))
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    batches = ds.batch(local)
+    read_options = _read_options(prefetch)
+    return EvalInput(
+        lambda: iter(batches.to_iter_dataset(read_options)),
+        num_examples=num_examples,
+        num_batches=num_batches,
+        global_batch_size=global_batch_size,
+        local_batch_size=local,
+        first_batch=lambda: batches[0],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Padding:
+    """``length`` copies of a fully masked zero example (a Grain random-access source)."""
+
+    example: dict[str, np.ndarray]
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.example
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _source_dataset(source: Source) -> grain.MapDataset:
+    ds = grain.MapDataset.source(source.data)
+    return ds.map(source.decode) if source.decode is not None else ds
+
+
+def _standardize(config: DataConfiguration, source: Source, examples: grain.MapDataset) -> Standardize:
+    max_level = source.max_level
+    if max_level is None:
+        if len(examples) == 0:
+            raise ConfigError(f"The data source {source.name} has no examples.")
+        max_level = _dtype_max_level(examples[0], config.image_key)
+    return Standardize(
+        image_key=config.image_key, normalize=config.normalize, binarize=config.binarize, max_level=max_level
+    )
+
+
+def _dtype_max_level(example: Mapping[str, Any], image_key: str) -> float:
+    """Integer images: the dtype's largest value (255 for uint8); float images are already unit."""
+    if image_key not in example:
+        raise ConfigError(f"Examples have no feature '{image_key}' (features: {sorted(example)}); set data.image_key.")
+    dtype = np.asarray(example[image_key]).dtype
+    if dtype == np.bool_:
+        return 1.0
+    if np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).max)
+    return 1.0
+
+
+def _apply(ds: grain.MapDataset, transforms: Sequence[grain.transforms.Map]) -> grain.MapDataset:
+    for transform in transforms:
+        ds = ds.map(transform)
+    return ds
+
+
+def _zeros_like(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    zeros = {key: np.zeros_like(np.asarray(value)) for key, value in example.items()}
+    zeros["mask"] = np.float32(0.0)
+    return zeros
+
+
+def _in_memory(examples: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    arrays = as_example_dict(examples)
+    return {key: value.astype(np.float32) if value.dtype == np.float64 else value for key, value in arrays.items()}
+
+
+def _read_options(prefetch: int) -> grain.ReadOptions:
+    """One background thread prepares up to ``prefetch`` batches (0: all in the caller's thread).
+
+    More threads do not help: decoding holds the GIL, and batches are the elements here.
+    """
+    return grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Explicit values (tests simulate hosts), else JAX's."""
+    if process_index is None or process_count is None:
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    return process_index, process_count
+
+
+def _spec(batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype) for key, value in batch.items()}
+
+
+def _mark_flags_parsed() -> None:
+    """Grain workers read absl flags; outside ``absl.app.run`` they are unparsed and would fail."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,175 @@
+"""Where examples come from: ``data.source`` -> a random-access source of one split.
+
+* ``digits``: the built-in data set, prepared on first use as the TFDS dataset
+  ``workshop_digits`` in the data dir (:mod:`workshop_dist.data.digits`), then read like any
+  TFDS dataset.
+* ``tfds:NAME[:CONFIG]``: a TFDS dataset prepared beforehand with
+  ``tfds build NAME --file_format=array_record --data_dir=DIR``; read with
+  ``tfds.data_source``. Nothing is downloaded unless ``data.download=true``.
+* ``array_record:GLOB``: ArrayRecord files in the format of :mod:`workshop_dist.data.records`;
+  ``{split}`` in GLOB is replaced by the split name.
+
+The data dir is ``data.data_dir``, else ``$WORKSHOP_DATA_DIR``, else ``~/.cache/workshop_dist/data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from workshop_dist.config import ConfigError
+from workshop_dist.data import digits
+from workshop_dist.data.config import DataConfiguration
+from workshop_dist.data.transforms import DecodeRecord
+
+DATA_DIR_ENV = "WORKSHOP_DATA_DIR"
+DEFAULT_DATA_DIR = "~/.cache/workshop_dist/data"
+
+
+class DatasetNotPreparedError(ConfigError):
+    """A TFDS dataset is not in the data dir; the message says how to prepare it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One split of a data set: random access to raw examples, plus how to read them.
+
+    ``data`` has ``__len__`` and ``__getitem__`` (Grain's ``RandomAccessDataSource``);
+    ``decode`` turns its records into dicts of arrays (None: they already are);
+    ``max_level`` is the pixel value that maps to 1.0 (None: from the image dtype).
+    """
+
+    data: Any
+    name: str
+    decode: grain.transforms.Map | None = None
+    max_level: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class ArraySource:
+    """In-memory examples (dict of equally long arrays) as a Grain random-access source."""
+
+    def __init__(self, examples: Mapping[str, np.ndarray]):
+        self._examples = {key: np.asarray(value) for key, value in examples.items()}
+        lengths = {key: len(value) for key, value in self._examples.items()}
+        if not lengths or len(set(lengths.values())) > 1:
+            raise ValueError(f"examples must be a non-empty dict of equally long arrays, got lengths {lengths}")
+        self._length = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {key: value[index] for key, value in self._examples.items()}
+
+    def __repr__(self) -> str:
+        shapes = {key: value.shape for key, value in self._examples.items()}
+        return f"ArraySource({shapes})"
+
+
+def resolve_data_dir(config: DataConfiguration) -> Path:
+    """``data.data_dir``, else ``$WORKSHOP_DATA_DIR``, else ``~/.cache/workshop_dist/data``."""
+    raw = config.data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    return Path(raw).expanduser().absolute()
+
+
+def open_source(config: DataConfiguration, split: str) -> Source:
+    """The split ``split`` of the data set named by ``config.source``."""
+    kind, _, rest = config.source.partition(":")
+    if config.source == "digits":
+        if split not in digits.SPLITS:
+            raise ConfigError(f"The digits data set has no split '{split}'; choose one of {list(digits.SPLITS)}.")
+        data_dir = digits.prepare_digits(resolve_data_dir(config))
+        data = tfds_data_source(digits.TFDS_NAME, split, data_dir, download=False)
+        return Source(data, name=f"digits[{split}]", max_level=config.max_level or digits.MAX_LEVEL)
+    if kind == "tfds":
+        name = tfds_name(rest)
+        data = tfds_data_source(name, split, resolve_data_dir(config), download=config.download)
+        return Source(data, name=f"tfds:{name}[{split}]", max_level=config.max_level)
+    if kind == "array_record":
+        paths = array_record_paths(rest, split)
+        data = grain.sources.ArrayRecordDataSource(paths)
+        return Source(data, name=f"array_record:{rest}[{split}]", decode=DecodeRecord(), max_level=config.max_level)
+    raise ConfigError(f"unknown data source '{config.source}'")  # the config validator prevents this
+
+
+def tfds_name(spec: str) -> str:
+    """``NAME[:CONFIG]`` (the part after ``tfds:``) -> TFDS's ``NAME/CONFIG``."""
+    name, _, config = spec.partition(":")
+    return f"{name}/{config}" if config else name
+
+
+def array_record_paths(pattern: str, split: str) -> list[str]:
+    """Sorted files matching ``pattern`` with ``{split}`` replaced; a ConfigError if none."""
+    resolved = os.path.expanduser(pattern.replace("{split}", split))
+    paths = sorted(glob.glob(resolved))
+    if not paths:
+        raise ConfigError(
+            f"No ArrayRecord files match '{resolved}' (data.source='array_record:{pattern}', split '{split}'). "
+            "Write them with workshop_dist.data.records.write_array_record."
+        )
+    return paths
+
+
+def tfds_data_source(name: str, split: str, data_dir: Path, *, download: bool) -> Any:
+    """``tfds.data_source(name, split=split)`` from ``data_dir``; clear errors when it is missing.
+
+    TFDS's own error for an unprepared dataset with ``download=False`` talks about the
+    TFRECORD format, so on failure we look at the data dir ourselves and explain.
+    """
+    import tensorflow_datasets as tfds
+
+    if download:
+        return tfds.data_source(
+            name,
+            split=split,
+            data_dir=os.fspath(data_dir),
+            download=True,
+            builder_kwargs={"file_format": "array_record"},
+        )
+    try:
+        return tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
+    except Exception as err:
+        known = not isinstance(err, tfds.core.DatasetNotFoundError)
+        problem = diagnose_tfds(name, split, data_dir, known_name=known)
+        if problem is None:
+            raise
+        raise problem from err
+
+
+def diagnose_tfds(name: str, split: str, data_dir: Path, *, known_name: bool = True) -> ConfigError | None:
+    """Explain why ``name`` cannot be read from ``data_dir``, or None if it looks fine."""
+    dataset_dir = Path(data_dir, *name.split("/"))
+    infos = sorted(dataset_dir.glob("*/dataset_info.json"))
+    if not infos:
+        build = f"tfds build {name} --file_format=array_record --data_dir={shlex.quote(os.fspath(data_dir))}"
+        unknown = "" if known_name else f" '{name}' is not in the TFDS catalog either: check the name."
+        return DatasetNotPreparedError(
+            f"TFDS dataset '{name}' is not prepared in the data dir {data_dir} (searched {dataset_dir})."
+            f"{unknown} Training never downloads data by itself. Prepare it once with:\n  {build}\n"
+            "or set data.data_dir to where it is prepared, or data.download=true to let this run "
+            "download and prepare it."
+        )
+    info = json.loads(infos[-1].read_text())
+    file_format = info.get("fileFormat", "tfrecord")
+    if file_format not in ("array_record", "parquet"):
+        return ConfigError(
+            f"TFDS dataset '{name}' in {infos[-1].parent} was prepared as {file_format}, which has no random "
+            f"access. Rebuild it with:\n  tfds build {name} --file_format=array_record "
+            f"--data_dir={shlex.quote(os.fspath(data_dir))}"
+        )
+    splits = [entry.get("name") for entry in info.get("splits", [])]
+    if split.split("[", 1)[0] not in splits:
+        return ConfigError(f"TFDS dataset '{name}' has no split '{split}'; available splits: {splits}.")
+    return None

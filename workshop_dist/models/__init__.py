@@ -1,0 +1,24 @@
+"""Generative models: the registry/factory and one module per model family."""
+
+from workshop_dist.models import vae
+from workshop_dist.models.config import ModelConfiguration
+from workshop_dist.models.registry import (
+    GenerativeModel,
+    create_model,
+    register_model,
+    registered_models,
+    resolve_model_class,
+)
+from workshop_dist.models.vae import VAE, ConvVAE
+
+__all__ = [
+    "VAE",
+    "ConvVAE",
+    "GenerativeModel",
+    "ModelConfiguration",
+    "create_model",
+    "register_model",
+    "registered_models",
+    "resolve_model_class",
+    "vae",
+]

@@ -1,0 +1,84 @@
+"""Model registry and factory: ``model_class`` is a short registered name or a dotted import path.
+
+A model class is an ``nnx.Module`` built as ``cls(config: ModelConfiguration, *, rngs)`` with
+``loss(batch, rng) -> (loss, metrics)`` and ``sample(rng, num_samples) -> images``. A class may
+declare ``Parameters`` (a :class:`~workshop_dist.config.StrictConfig`) to validate
+``config.parameters``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import jax
+import pydantic
+from flax import nnx
+
+from workshop_dist.config import ConfigError, format_validation_error
+from workshop_dist.models.config import ModelConfiguration
+
+_REGISTRY: dict[str, type] = {}
+C = TypeVar("C", bound=type)
+
+
+class GenerativeModel(Protocol):
+    def loss(self, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+    def sample(self, rng: jax.Array, num_samples: int) -> jax.Array: ...
+
+
+def register_model(name: str) -> Callable[[C], C]:
+    """Class decorator: make ``model_class: <name>`` build this class."""
+
+    def add(cls: C) -> C:
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def registered_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def resolve_model_class(model_class: str) -> type:
+    if model_class in _REGISTRY:
+        return _REGISTRY[model_class]
+    if "." not in model_class:
+        close = difflib.get_close_matches(model_class, _REGISTRY, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"model.model_class '{model_class}' is not a registered model ({', '.join(registered_models())})"
+            f" nor a dotted import path like 'package.module.Class'.{hint}"
+        )
+    module_name, _, attr = model_class.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"model.model_class '{model_class}': cannot import module '{module_name}' ({err}).") from None
+    cls = getattr(module, attr, None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"model.model_class '{model_class}': module '{module_name}' has no class '{attr}'.")
+    return cls
+
+
+def validate_parameters(cls: type, config: ModelConfiguration) -> Any:
+    """The model's validated ``Parameters`` object (or the raw dict if it declares none)."""
+    schema = getattr(cls, "Parameters", None)
+    if schema is None:
+        return dict(config.parameters)
+    try:
+        return schema.model_validate(config.parameters)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, "model.parameters")) from None
+
+
+def create_model(config: ModelConfiguration, *, rngs: nnx.Rngs | int = 0) -> nnx.Module:
+    """Build the model ``config`` describes; ``rngs`` seeds its initialisation."""
+    cls = resolve_model_class(config.model_class)
+    if isinstance(rngs, int):
+        rngs = nnx.Rngs(rngs)
+    return cls(config, rngs=rngs)
