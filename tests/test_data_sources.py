@@ -15,12 +15,12 @@ from workshop_dist.config import ConfigError
 from workshop_dist.data import (
     DataConfiguration,
     DatasetNotPreparedError,
+    digits,
     make_eval_input,
     make_train_input,
     resolve_data_dir,
     write_array_record,
 )
-from workshop_dist.data import digits
 from workshop_dist.data.records import RecordFormatError, decode_example, encode_example, examples_from_arrays
 from workshop_dist.data.sources import open_source
 
@@ -34,7 +34,9 @@ def digits_dir(tmp_path_factory):
 
 def test_digits_builder_prepares_offline_with_fixed_splits(digits_dir):
     assert (digits_dir / "workshop_digits" / "1.0.0" / "dataset_info.json").is_file()
-    assert sorted(p.name.split(".")[0] for p in (digits_dir / "workshop_digits" / "1.0.0").glob("*.array_record*")) == [
+    assert sorted(
+        p.name.split(".")[0] for p in (digits_dir / "workshop_digits" / "1.0.0").glob("*.array_record*")
+    ) == [
         "workshop_digits-test",
         "workshop_digits-train",
         "workshop_digits-validation",
@@ -63,7 +65,9 @@ def test_concurrent_prepare_from_several_processes(tmp_path):
     """Multi-process runs start N processes at once; all must end with one valid dataset."""
     code = "import sys; from workshop_dist.data.digits import prepare_digits; prepare_digits(sys.argv[1])"
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         for _ in range(2)
     ]
     outputs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
@@ -114,7 +118,9 @@ def test_missing_tfds_config_and_unknown_name(tmp_path):
 def test_tfds_prepared_as_tfrecord_is_explained(tmp_path):
     version_dir = tmp_path / "mnist" / "3.0.1"
     version_dir.mkdir(parents=True)
-    (version_dir / "dataset_info.json").write_text(json.dumps({"name": "mnist", "splits": [{"name": "train"}]}))
+    (version_dir / "dataset_info.json").write_text(
+        json.dumps({"name": "mnist", "splits": [{"name": "train"}]})
+    )
     config = DataConfiguration(source="tfds:mnist", data_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="prepared as tfrecord") as info:
         make_train_input(config, global_batch_size=8, seed=0, **SINGLE)
@@ -130,9 +136,15 @@ def test_tfds_source_with_mock_data(tmp_path):
         masks = [b["mask"] for b in evaluation]
     assert train.steps_per_epoch == 2 and train.num_examples == 40
     assert batch["image"].shape == (16, 28, 28, 1) and batch["image"].dtype == np.float32
-    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
     assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
     assert len(masks) == 3 and sum(m.sum() for m in masks) == 40
+    # data.download=true goes through TFDS's download_and_prepare (a no-op under the mock).
+    with tfds.testing.mock_data(num_examples=20):
+        train = make_train_input(
+            config.model_copy(update={"download": True}), global_batch_size=4, seed=0, **SINGLE
+        )
+        assert next(train)["image"].shape == (4, 28, 28, 1)
 
 
 def _arrays(num: int, seed: int) -> dict[str, np.ndarray]:
@@ -145,9 +157,16 @@ def _arrays(num: int, seed: int) -> dict[str, np.ndarray]:
 
 def test_array_record_round_trip(tmp_path):
     train, validation = _arrays(70, 0), _arrays(23, 1)
-    assert write_array_record(tmp_path / "toy-train-00000.array_record", examples_from_arrays(
-        {k: v[:40] for k, v in train.items()})) == 40
-    write_array_record(tmp_path / "toy-train-00001.array_record", examples_from_arrays({k: v[40:] for k, v in train.items()}))
+    assert (
+        write_array_record(
+            tmp_path / "toy-train-00000.array_record",
+            examples_from_arrays({k: v[:40] for k, v in train.items()}),
+        )
+        == 40
+    )
+    write_array_record(
+        tmp_path / "toy-train-00001.array_record", examples_from_arrays({k: v[40:] for k, v in train.items()})
+    )
     write_array_record(tmp_path / "toy-validation-00000.array_record", examples_from_arrays(validation))
     config = DataConfiguration(source=f"array_record:{tmp_path}/toy-{{split}}-*.array_record")
 

@@ -3,6 +3,10 @@ cluster detection only where a cluster really is, clear errors for impossible co
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from typing import Any
 
 import jax
@@ -186,11 +190,53 @@ def test_topology_summary_is_one_line():
 
 
 def test_import_has_no_side_effects():
-    import subprocess
-    import sys
-
     code = (
         "import workshop_dist.distributed, sys; from jax._src import xla_bridge; "
         "sys.exit(1 if xla_bridge.backends_are_initialized() else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+SLURM_JOIN_SCRIPT = """
+from workshop_dist.distributed import DistributedConfiguration, initialize
+assert initialize(DistributedConfiguration(heartbeat_timeout_seconds=5))
+import jax, numpy as np
+from jax.experimental import multihost_utils
+gathered = multihost_utils.process_allgather(np.array([jax.process_index()]))
+print(jax.process_index(), jax.process_count(), jax.device_count(), gathered.ravel().tolist())
+"""
+
+
+@pytest.mark.slow
+def test_two_slurm_tasks_join_by_cluster_detection_alone(tmp_path):
+    """No JAX_* variables: JAX's Slurm detection finds the coordinator and the ranks."""
+    script = tmp_path / "join.py"
+    script.write_text(SLURM_JOIN_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={
+                **base,
+                "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                "SLURM_JOB_ID": "1",
+                "SLURM_STEP_NODELIST": "localhost",
+                "SLURM_NTASKS": "2",
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank),
+                "JAX_COORDINATOR_PORT": str(port),
+            },
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, output
+        assert f"{rank} 2 4 [0, 1]" in output.splitlines(), output

@@ -50,8 +50,14 @@ TERM_SCRIPT = """
 import os, signal, sys, time
 from pathlib import Path
 
+received = 0
+
 def on_term(signum, frame):
-    Path(sys.argv[1], "term-" + os.environ["JAX_PROCESS_ID"]).write_text("saved")
+    global received
+    received += 1
+    Path(sys.argv[1], "term-" + os.environ["JAX_PROCESS_ID"]).write_text(f"saved after {received} SIGTERM")
+    if os.environ["JAX_PROCESS_ID"] == "1" and received == 1:
+        time.sleep(1)  # still saving when process 0 exits: it must not get a second SIGTERM
     sys.exit(75)
 
 signal.signal(signal.SIGTERM, on_term)
@@ -133,8 +139,8 @@ def test_sigterm_reaches_every_process_and_their_exit_code_passes_through(tmp_pa
         ready.add(lines.get(timeout=max(0.1, deadline - time.monotonic())))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 75
-    assert (tmp_path / "term-0").read_text() == "saved"
-    assert (tmp_path / "term-1").read_text() == "saved"
+    assert (tmp_path / "term-0").read_text() == "saved after 1 SIGTERM"
+    assert (tmp_path / "term-1").read_text() == "saved after 1 SIGTERM"
 
 
 def test_program_that_cannot_start_exits_127(tmp_path, capsys):

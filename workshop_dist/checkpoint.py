@@ -47,6 +47,22 @@ def _grain_args():
     return grain_checkpoint.CheckpointSave, grain_checkpoint.CheckpointRestore
 
 
+def _item_handlers() -> dict[str, Any]:
+    """Each item's handler, so metadata and restore work in a fresh process."""
+    import grain.checkpoint as grain_checkpoint
+
+    return {
+        STATE: ocp.StandardCheckpointHandler(),
+        DATA: grain_checkpoint.CheckpointHandler(),
+        CONFIG: ocp.JsonCheckpointHandler(),
+        METADATA: ocp.JsonCheckpointHandler(),
+    }
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_item_handlers()))
+
+
 def _save_args(state: Any, data_iterator: Any, config: Mapping | None, metadata: Mapping) -> ocp.args.Composite:
     items: dict[str, Any] = {STATE: ocp.args.StandardSave(state), METADATA: ocp.args.JsonSave(dict(metadata))}
     if config is not None:
@@ -87,7 +103,7 @@ def _restore_composite(
 ) -> tuple[Any, dict]:
     """Restore via ``restore(args)`` after checking shapes against ``metadata_of()``."""
     saved = metadata_of()
-    saved_state = saved[STATE] if STATE in saved else None
+    saved_state = saved.get(STATE, None)
     if saved_state is None:
         raise CheckpointError(f"Checkpoint {where} has no '{STATE}' item.")
     check_shapes(saved_state, abstract_state, where)
@@ -128,7 +144,7 @@ class CheckpointManager:
             preservation_policy=preservation,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self._manager = ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(), options=options)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -212,7 +228,7 @@ def save_checkpoint_dir(
     """
     path = Path(path).absolute()
     staging = path.with_name(path.name + ".saving")
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer = _checkpointer()
     checkpointer.save(staging, args=_save_args(state, data_iterator, config, metadata), force=True)
     checkpointer.close()
     if jax.process_index() == 0:
@@ -231,7 +247,7 @@ def load_checkpoint_dir(path: str | Path, abstract_state: Any, *, data_iterator:
     if not (path / STATE).is_dir():
         hint = " It looks like a run's checkpoint folder: pass one of its step directories." if path.is_dir() else ""
         raise CheckpointError(f"No checkpoint at {path} (expected a directory with a '{STATE}' item).{hint}")
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer = _checkpointer()
     try:
         return _restore_composite(
             lambda args: checkpointer.restore(path, args=args),
@@ -250,7 +266,7 @@ def load_checkpoint_dir(path: str | Path, abstract_state: Any, *, data_iterator:
 
 def read_json_item(path: str | Path, item: str = CONFIG) -> dict | None:
     """The JSON ``config``/``metadata`` item of a checkpoint directory, or None if absent."""
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer = _checkpointer()
     try:
         return checkpointer.restore(Path(path).absolute(), args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
     except Exception:

@@ -40,11 +40,6 @@ ENV_COORDINATOR_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
-PREEMPTED_EXIT_CODE = 75
-"""Suggested exit code of a process that saved a checkpoint because it was asked to stop
-(SIGTERM before a preemption or a time limit): ``EX_TEMPFAIL``, "try again". The Slurm
-script requeues the job on it; ``workshop-launch`` passes it through."""
-
 ClusterDetection = Literal["auto", "off", "slurm", "ompi", "gcetpu", "gketpu", "mpi4py"]
 
 

@@ -15,12 +15,14 @@ Supervision, like a cluster scheduler:
 * SIGTERM / SIGINT to the launcher are forwarded to every child (a trainer saves and exits);
   children still running ``--grace-seconds`` later are killed, and so are they at once on
   a second signal.
-* When a child exits non-zero, the others get SIGTERM, then SIGKILL after the grace period.
+* When a child exits non-zero, the others get SIGTERM, then SIGKILL after the grace period
+  (not a second SIGTERM if they already got a forwarded one: they are saving).
 
 Exit code: 0 when every child exited 0; otherwise the code of the first child to exit
-non-zero (a child killed by signal S counts as 128+S, the shell convention). So a
-preemption save's code (:data:`workshop_dist.distributed.PREEMPTED_EXIT_CODE`) passes
-through. 2: bad usage; 127: the program could not be started.
+non-zero (a child killed by signal S counts as 128+S, the shell convention). So the
+trainer's "preempted, checkpoint saved" code (75,
+:data:`workshop_dist.training.preemption.EXIT_PREEMPTED`) passes through.
+2: bad usage; 127: the program could not be started.
 """
 
 from __future__ import annotations
@@ -161,7 +163,9 @@ class ProcessGroup:
                 code = exit_code(child.returncode)
                 if code != 0 and self.first_failure is None:
                     self.first_failure = code
-                    if self.running():
+                    if self.signals_received:  # the others already have the signal: no second SIGTERM
+                        _note(f"process {index} exited with code {code}")
+                    elif self.running():
                         _note(f"process {index} exited with code {code}: stopping the others")
                         self.stop()
             if self.kill_deadline is not None and time.monotonic() > self.kill_deadline and self.running():

@@ -8,9 +8,8 @@ Importing this package starts nothing and writes nothing (Grain workers re-impor
 """
 
 from workshop_dist.data.config import DataConfiguration
+from workshop_dist.data.inputs import EvalInput, TrainInput
 from workshop_dist.data.pipeline import (
-    EvalInput,
-    TrainInput,
     array_eval_input,
     array_train_input,
     make_eval_input,

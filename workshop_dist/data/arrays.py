@@ -18,7 +18,11 @@ Batch = dict[str, np.ndarray]
 
 def as_example_dict(data: np.ndarray | Mapping[str, np.ndarray]) -> Batch:
     """A bare array is taken as ``{"image": array}``; all features must share their length."""
-    examples = {"image": np.asarray(data)} if not isinstance(data, Mapping) else {k: np.asarray(v) for k, v in data.items()}
+    examples = (
+        {"image": np.asarray(data)}
+        if not isinstance(data, Mapping)
+        else {k: np.asarray(v) for k, v in data.items()}
+    )
     lengths = {key: len(value) for key, value in examples.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"all features must have the same number of examples, got {lengths}")
@@ -53,7 +57,9 @@ def process_padded_batches(
     global batch stay in step; masks count each example exactly once over all processes.
     """
     if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by {process_count} processes")
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by {process_count} processes"
+        )
     local = global_batch_size // process_count
     num = len(next(iter(examples.values())))
     start, stop = shard_bounds(num, process_index, process_count)
@@ -81,7 +87,9 @@ def padded_batches(examples: Batch, batch_size: int, *, num_batches: int | None 
         count += 1
         yield batch
     while num_batches is not None and count < num_batches:
-        batch = {key: np.zeros((batch_size, *value.shape[1:]), value.dtype) for key, value in examples.items()}
+        batch = {
+            key: np.zeros((batch_size, *value.shape[1:]), value.dtype) for key, value in examples.items()
+        }
         batch["mask"] = np.zeros(batch_size, np.float32)
         count += 1
         yield batch

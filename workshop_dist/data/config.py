@@ -17,7 +17,8 @@ class DataConfiguration(StrictConfig):
         description="'digits' (built in), 'tfds:NAME[:CONFIG]' or 'array_record:GLOB'.",
     )
     data_dir: str | None = pydantic.Field(
-        None, description="Directory of prepared datasets (TFDS data_dir). Default: ~/.cache/workshop_dist/data."
+        None,
+        description="Directory of prepared datasets (TFDS data_dir). Default: ~/.cache/workshop_dist/data.",
     )
     train_split: str = "train"
     eval_split: str = "validation"
@@ -35,7 +36,9 @@ class DataConfiguration(StrictConfig):
     random_flip: bool = pydantic.Field(False, description="Random horizontal flips of training images.")
     shuffle: bool = True
     worker_count: int = pydantic.Field(
-        0, ge=0, description="Grain worker processes (0: in the main process). Pay off only for heavy decoding."
+        0,
+        ge=0,
+        description="Grain worker processes (0: in the main process). Pay off only for heavy decoding.",
     )
     prefetch: int = pydantic.Field(
         2, ge=0, description="Batches prepared ahead of the training step (in a thread, or per worker)."

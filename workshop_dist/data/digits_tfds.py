@@ -12,6 +12,7 @@ disabled so record ``i`` of a split is image ``SPLITS[split].start + i`` of ``lo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -24,7 +25,9 @@ class WorkshopDigits(tfds.core.GeneratorBasedBuilder):
 
     # TFDS names it "workshop_digits" (digits.TFDS_NAME) after the class.
     VERSION = tfds.core.Version(TFDS_VERSION)
-    RELEASE_NOTES = {TFDS_VERSION: "Splits of sklearn.datasets.load_digits in their shipped order."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        TFDS_VERSION: "Splits of sklearn.datasets.load_digits in their shipped order."
+    }
     # TFDS finds a builder's files (checksums) via importlib.resources of the top package,
     # which fails for a namespace package installed in editable mode; point it here.
     code_path = Path(__file__)

@@ -23,8 +23,7 @@ The host -> device step is not here: the trainer calls ``parallel.host_batch_to_
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -34,113 +33,9 @@ import numpy as np
 from workshop_dist.config import ConfigError
 from workshop_dist.data.arrays import as_example_dict, eval_num_batches, process_padded_batches, shard_bounds
 from workshop_dist.data.config import DataConfiguration
+from workshop_dist.data.inputs import Batch, EvalInput, TrainInput
 from workshop_dist.data.sources import ArraySource, Source, open_source
 from workshop_dist.data.transforms import AddMask, EpochShuffle, RandomFlip, Standardize
-
-Batch = dict[str, np.ndarray]
-
-
-class TrainInput:
-    """Infinite iterator of this process's training batches, epoch after epoch.
-
-    The trainer takes ``steps_per_epoch`` batches per epoch. ``iterator`` is the Grain
-    ``DatasetIterator`` that holds all the state: save it with
-    ``grain.checkpoint.CheckpointSave(train_input.iterator)`` in an Orbax checkpoint, or
-    use :meth:`get_state` / :meth:`set_state` (JSON-able dicts).
-    """
-
-    def __init__(
-        self,
-        dataset: grain.IterDataset,
-        batches: grain.MapDataset,
-        *,
-        steps_per_epoch: int,
-        num_examples: int,
-        global_batch_size: int,
-        local_batch_size: int,
-        uses_workers: bool,
-    ):
-        self._dataset = dataset
-        self._batches = batches
-        self.steps_per_epoch = steps_per_epoch
-        self.num_examples = num_examples
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = local_batch_size
-        self._uses_workers = uses_workers
-        self._iterator: grain.DatasetIterator | None = None
-
-    @property
-    def iterator(self) -> grain.DatasetIterator:
-        """The underlying Grain iterator (created on first use; workers start on first batch)."""
-        if self._iterator is None:
-            if self._uses_workers:
-                _mark_flags_parsed()
-            self._iterator = iter(self._dataset)
-        return self._iterator
-
-    @functools.cached_property
-    def element_spec(self) -> dict[str, Any]:
-        """``jax.ShapeDtypeStruct`` of each array of one host batch."""
-        return _spec(self._batches[0])
-
-    def __iter__(self) -> TrainInput:
-        return self
-
-    def __next__(self) -> Batch:
-        batch = next(self.iterator)
-        if self._uses_workers:
-            # Workers hand over shared-memory arrays that are freed only when garbage
-            # collected (warnings at exit if still alive); a plain copy frees them now.
-            batch = {key: np.array(value) for key, value in batch.items()}
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return self.iterator.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.iterator.set_state(state)
-
-    def close(self) -> None:
-        """Stop worker processes and threads; a later batch starts a new iterator."""
-        if self._iterator is not None:
-            self._iterator.close()
-            self._iterator = None
-
-
-class EvalInput:
-    """A full pass over an eval split on every ``iter()``; every batch carries ``mask``.
-
-    All processes yield ``num_batches`` batches of ``local_batch_size``; over all of
-    them the masks sum to ``num_examples``.
-    """
-
-    def __init__(
-        self,
-        make_iterator: Callable[[], Iterator[Batch]],
-        *,
-        num_examples: int,
-        num_batches: int,
-        global_batch_size: int,
-        local_batch_size: int,
-        first_batch: Callable[[], Batch],
-    ):
-        self._make_iterator = make_iterator
-        self._first_batch = first_batch
-        self.num_examples = num_examples
-        self.num_batches = num_batches
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = local_batch_size
-
-    @functools.cached_property
-    def element_spec(self) -> dict[str, Any]:
-        return _spec(self._first_batch())
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self._make_iterator()
-
-    def __len__(self) -> int:
-        return self.num_batches
-
 
 # ----------------------------------------------------------------------------- public factories
 
@@ -271,7 +166,7 @@ def derive_seed(seed: int, *path: int) -> int:
     """A 32-bit seed for one random step of one process: a hash of ``(seed, *path)``.
 
     Shuffles and flips of different processes, and of seeds ``s`` and ``s + 1``, are then
-    unrelated (Grain's own shuffle reseeds epochs with ``seed + epoch``, which would not be).
+    unrelated (Grain's own shuffle reseeds epochs with ``seed + epoch``: those would overlap).
     """
     if seed < 0:
         raise ConfigError(f"The data seed must be non-negative, got {seed}.")
@@ -326,7 +221,7 @@ def _train_input(
         num_examples=num_examples,
         global_batch_size=global_batch_size,
         local_batch_size=local,
-        uses_workers=worker_count > 0,
+        worker_count=worker_count,
     )
 
 
@@ -400,7 +295,9 @@ def _standardize(config: DataConfiguration, source: Source, examples: grain.MapD
 def _dtype_max_level(example: Mapping[str, Any], image_key: str) -> float:
     """Integer images: the dtype's largest value (255 for uint8); float images are already unit."""
     if image_key not in example:
-        raise ConfigError(f"Examples have no feature '{image_key}' (features: {sorted(example)}); set data.image_key.")
+        raise ConfigError(
+            f"Examples have no feature '{image_key}' (features: {sorted(example)}); set data.image_key."
+        )
     dtype = np.asarray(example[image_key]).dtype
     if dtype == np.bool_:
         return 1.0
@@ -423,7 +320,9 @@ def _zeros_like(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _in_memory(examples: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     arrays = as_example_dict(examples)
-    return {key: value.astype(np.float32) if value.dtype == np.float64 else value for key, value in arrays.items()}
+    return {
+        key: value.astype(np.float32) if value.dtype == np.float64 else value for key, value in arrays.items()
+    }
 
 
 def _read_options(prefetch: int) -> grain.ReadOptions:
@@ -442,15 +341,3 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
     return process_index, process_count
-
-
-def _spec(batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    return {key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype) for key, value in batch.items()}
-
-
-def _mark_flags_parsed() -> None:
-    """Grain workers read absl flags; outside ``absl.app.run`` they are unparsed and would fail."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()

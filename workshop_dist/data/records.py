@@ -36,7 +36,11 @@ def encode_example(example: Mapping[str, np.ndarray | int | float]) -> bytes:
         array = np.asarray(value)  # not ascontiguousarray: it turns scalars into shape (1,)
         if array.dtype == object:
             raise TypeError(f"feature '{key}' has dtype object; only numeric arrays can be stored")
-        encoded[str(key)] = {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes(order="C")}
+        encoded[str(key)] = {
+            "dtype": array.dtype.str,
+            "shape": list(array.shape),
+            "data": array.tobytes(order="C"),
+        }
     return msgpack.packb(encoded, use_bin_type=True)
 
 

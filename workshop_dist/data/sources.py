@@ -64,7 +64,9 @@ class ArraySource:
         self._examples = {key: np.asarray(value) for key, value in examples.items()}
         lengths = {key: len(value) for key, value in self._examples.items()}
         if not lengths or len(set(lengths.values())) > 1:
-            raise ValueError(f"examples must be a non-empty dict of equally long arrays, got lengths {lengths}")
+            raise ValueError(
+                f"examples must be a non-empty dict of equally long arrays, got lengths {lengths}"
+            )
         self._length = next(iter(lengths.values()))
 
     def __len__(self) -> int:
@@ -89,7 +91,9 @@ def open_source(config: DataConfiguration, split: str) -> Source:
     kind, _, rest = config.source.partition(":")
     if config.source == "digits":
         if split not in digits.SPLITS:
-            raise ConfigError(f"The digits data set has no split '{split}'; choose one of {list(digits.SPLITS)}.")
+            raise ConfigError(
+                f"The digits data set has no split '{split}'; choose one of {list(digits.SPLITS)}."
+            )
         data_dir = digits.prepare_digits(resolve_data_dir(config))
         data = tfds_data_source(digits.TFDS_NAME, split, data_dir, download=False)
         return Source(data, name=f"digits[{split}]", max_level=config.max_level or digits.MAX_LEVEL)
@@ -100,7 +104,9 @@ def open_source(config: DataConfiguration, split: str) -> Source:
     if kind == "array_record":
         paths = array_record_paths(rest, split)
         data = grain.sources.ArrayRecordDataSource(paths)
-        return Source(data, name=f"array_record:{rest}[{split}]", decode=DecodeRecord(), max_level=config.max_level)
+        return Source(
+            data, name=f"array_record:{rest}[{split}]", decode=DecodeRecord(), max_level=config.max_level
+        )
     raise ConfigError(f"unknown data source '{config.source}'")  # the config validator prevents this
 
 

@@ -6,6 +6,7 @@ negative ELBO with a ``beta`` weight on the KL term (beta-VAE).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -76,7 +77,7 @@ class VAE(_VAEBase):
         super().__init__(config)
         sizes = [math.prod(self.image_shape), *config.hidden_dims]
         self.encoder = nnx.List(
-            [layers.dense(a, b, _alternate(i), rngs=rngs) for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False))]
+            [layers.dense(a, b, _alternate(i), rngs=rngs) for i, (a, b) in enumerate(itertools.pairwise(sizes))]
         )
         last_axis = _alternate(len(config.hidden_dims) - 1)[1]
         self.mean = layers.dense(sizes[-1], self.latent_dim, (last_axis, "latent"), rngs=rngs)
@@ -85,7 +86,7 @@ class VAE(_VAEBase):
         self.decoder = nnx.List(
             [
                 layers.dense(a, b, ("latent", "mlp") if i == 0 else _alternate(i), rngs=rngs)
-                for i, (a, b) in enumerate(zip(back, back[1:], strict=False))
+                for i, (a, b) in enumerate(itertools.pairwise(back))
             ]
         )
         last = ("latent", "mlp") if len(back) == 2 else _alternate(len(back) - 2)
@@ -120,7 +121,7 @@ class ConvVAE(_VAEBase):
                 f"must be divisible by {factor}; use fewer hidden_dims."
             )
         chans = [channels, *config.hidden_dims]
-        self.encoder = nnx.List([layers.conv(a, b, strides=2, rngs=rngs) for a, b in zip(chans, chans[1:], strict=False)])
+        self.encoder = nnx.List([layers.conv(a, b, strides=2, rngs=rngs) for a, b in itertools.pairwise(chans)])
         self.bottom = (height // factor, width // factor, chans[-1])
         flat = math.prod(self.bottom)
         self.mean = layers.dense(flat, self.latent_dim, ("embed", "latent"), rngs=rngs)
