@@ -3,8 +3,8 @@
     python benchmarks/input_pipeline.py [--batch-size 128] [--num-batches 300] [--workers 0 2]
 
 Uses the default data configuration (the built-in digits, prepared on first use into
-``$WORKSHOP_DATA_DIR`` or ``~/.cache/workshop_dist/data``). :func:`measure_pipeline` can be
-imported to compare with the trainer's steps/s.
+``$WORKSHOP_DATA_DIR`` or ``~/.cache/workshop_dist/data``), as is and with ``data.cache``.
+:func:`measure_pipeline` can be imported to compare with the trainer's steps/s.
 """
 
 from __future__ import annotations
@@ -37,11 +37,15 @@ def main() -> None:
     parser.add_argument("--num-batches", type=int, default=300, help="batches timed per setting")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="worker counts to compare")
     args = parser.parse_args()
-    config = DataConfiguration()
-    print(f"source={config.source} global_batch_size={args.batch_size} prefetch={config.prefetch}")
-    for workers in args.workers:
-        rate = measure_pipeline(config, args.batch_size, args.num_batches, workers)
-        print(f"worker_count={workers}: {rate:8.1f} batches/s  ({rate * args.batch_size:9.0f} examples/s)")
+    default = DataConfiguration()
+    print(f"source={default.source} global_batch_size={args.batch_size} prefetch={default.prefetch}")
+    for config in (default, default.model_copy(update={"cache": True})):
+        for workers in args.workers:
+            rate = measure_pipeline(config, args.batch_size, args.num_batches, workers)
+            print(
+                f"cache={config.cache!s:5} worker_count={workers}: {rate:8.1f} batches/s "
+                f"({rate * args.batch_size:7.0f} examples/s)"
+            )
 
 
 if __name__ == "__main__":  # Grain workers start with spawn and re-import __main__

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from workshop_dist.config import ConfigError
-from workshop_dist.data import DataConfiguration, array_train_input, digits, make_train_input
+from workshop_dist.data import DataConfiguration, array_train_input, digits, make_eval_input, make_train_input
 from workshop_dist.data.arrays import shard_bounds
 from workshop_dist.parallel import MeshConfiguration, batch_sharding, host_batch_to_global, make_mesh
 
@@ -165,3 +165,21 @@ def test_global_batch_sharding_on_8_devices(config):
         assert len(shards) == 8
         assert all(shard.data.shape == (8, *value.shape[1:]) for shard in shards)
     np.testing.assert_array_equal(np.asarray(batch["image"]), host_batch["image"])
+
+
+def test_cache_gives_the_same_batches(config):
+    cached = config.model_copy(update={"cache": True, "random_flip": True})
+    plain = config.model_copy(update={"random_flip": True})
+    for a, b in zip(
+        take(make_train_input(plain, global_batch_size=64, seed=4, **SINGLE), 17),
+        take(make_train_input(cached, global_batch_size=64, seed=4, **SINGLE), 17),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    evaluation = make_eval_input(cached, global_batch_size=64, process_index=1, process_count=2)
+    reference = make_eval_input(config, global_batch_size=64, process_index=1, process_count=2)
+    for a, b in zip(evaluation, reference, strict=True):
+        assert a.keys() == b.keys()
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])

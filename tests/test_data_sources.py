@@ -94,6 +94,23 @@ def test_digits_source_reads_the_prepared_split(monkeypatch, digits_dir):
         open_source(DataConfiguration(), "valid")
 
 
+def test_tfds_source_reads_a_prepared_dataset(digits_dir):
+    config = DataConfiguration(source="tfds:workshop_digits", data_dir=str(digits_dir), max_level=16)
+    evaluation = make_eval_input(config, global_batch_size=50, **SINGLE)
+    images = np.concatenate([b["image"] for b in evaluation])
+    assert evaluation.num_examples == 350 and images.shape == (350, 8, 8, 1)
+    np.testing.assert_array_equal(images * 16, digits.load_digits_split("validation")["image"])
+    # Without max_level, uint8 images are scaled by 255.
+    unscaled = next(
+        iter(make_eval_input(config.model_copy(update={"max_level": None}), global_batch_size=50, **SINGLE))
+    )
+    np.testing.assert_allclose(unscaled["image"] * 255, images[:50] * 16, atol=1e-4)
+    with pytest.raises(
+        ConfigError, match=r"no split 'valid'; available splits: \['train', 'validation', 'test'\]"
+    ):
+        make_eval_input(config, global_batch_size=50, split="valid", **SINGLE)
+
+
 def test_missing_tfds_dataset_gives_a_clear_error(tmp_path):
     config = DataConfiguration(source="tfds:mnist", data_dir=str(tmp_path))
     with pytest.raises(DatasetNotPreparedError) as info:

@@ -78,7 +78,8 @@ def test_tpu_vm_dry_run_prints_the_exact_commands():
         "gcloud", "compute", "tpus", "tpu-vm", "create", "my-tpu", *location,
         "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite", "--spot",
     ]  # fmt: skip
-    assert tar[:2] == ["tar", "-czf"] and tar[-3:] == ["-C", str(ROOT), "."]
+    assert tar[:2] == ["tar", "-czf"] and tar[-3] == "-C" and tar[-1] == "."
+    assert Path(tar[-2]).resolve() == ROOT
     assert scp == [
         "gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2], "my-tpu:workshop-source.tgz", *location, "--worker=all"
     ]  # fmt: skip

@@ -1,5 +1,11 @@
 """workshop_dist: train generative models with JAX + Flax NNX, from one CPU to a TPU pod."""
 
+import os
+
+# TensorFlow is only used (through CLU and TFDS) to write TensorBoard files: keep its start-up quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 from workshop_dist.config import ConfigError, WorkshopError
 from workshop_dist.data import DataConfiguration
 from workshop_dist.experiment import ExperimentConfiguration

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
         watcher.uninstall()
+        distributed.shutdown()
     if distributed.is_primary() and not args.quiet:
         print(f"Trained {trainer.step} steps. Outputs in {workdir}:")
         print(f"  checkpoints  {trainer.checkpoint_dir}/<step>/  (latest: {trainer.checkpoints.latest_step()})")

@@ -49,7 +49,7 @@ class StrictConfig(pydantic.BaseModel):
         return data
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
@@ -98,11 +98,16 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings like ``"1e3"`` the loader would read as floats."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+        list("-+0123456789."),
+    )
 
 
 def parse_yaml(text: str) -> Any:
@@ -141,5 +146,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(child, dict):
                 raise ConfigError(f"Override '{item}': '{part}' is a value, not a section.")
             node = child
-        node[parts[-1]] = parse_yaml(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = parse_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Override '{item}': the value is not valid YAML ({err}).") from None
     return data

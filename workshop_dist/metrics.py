@@ -31,7 +31,8 @@ class Logger:
     def __init__(self, log_dir: str | Path | None = None, *, level: int = logging.INFO, name: str = LOGGER_NAME):
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self._logger = logging.getLogger(name)
-        self._logger.setLevel(level)
+        # Other processes repeat what process 0 says: they only report problems.
+        self._logger.setLevel(level if is_primary() else max(level, logging.WARNING))
         self._logger.propagate = False
         for handler in list(self._logger.handlers):
             if getattr(handler, "_workshop_dist", False):
@@ -49,7 +50,7 @@ class Logger:
             self._logger.addHandler(handler)
 
     def set_level(self, level: int) -> None:
-        self._logger.setLevel(level)
+        self._logger.setLevel(level if is_primary() else max(level, logging.WARNING))
 
     def debug(self, msg: str, *args: Any) -> None:
         self._logger.debug(msg, *args)

@@ -14,11 +14,14 @@ class DataConfiguration(StrictConfig):
 
     source: str = pydantic.Field(
         "digits",
-        description="'digits' (built in), 'tfds:NAME[:CONFIG]' or 'array_record:GLOB'.",
+        description="'digits' (built in), 'tfds:NAME[:CONFIG]' (prepared with tfds build "
+        "--file_format=array_record) or 'array_record:GLOB' ({split} in GLOB becomes the split name; "
+        "record format: workshop_dist.data.records).",
     )
     data_dir: str | None = pydantic.Field(
         None,
-        description="Directory of prepared datasets (TFDS data_dir). Default: ~/.cache/workshop_dist/data.",
+        description="Directory of prepared datasets (TFDS data_dir). Default: $WORKSHOP_DATA_DIR, else "
+        "~/.cache/workshop_dist/data.",
     )
     train_split: str = "train"
     eval_split: str = "validation"
@@ -35,6 +38,11 @@ class DataConfiguration(StrictConfig):
     binarize: bool = pydantic.Field(False, description="Threshold unit images at 0.5 (Bernoulli data).")
     random_flip: bool = pydantic.Field(False, description="Random horizontal flips of training images.")
     shuffle: bool = True
+    cache: bool = pydantic.Field(
+        False,
+        description="Read and standardize the whole split once into memory (in every process): for data "
+        "that fits in RAM, like digits; decoding then no longer limits batches/s.",
+    )
     worker_count: int = pydantic.Field(
         0,
         ge=0,

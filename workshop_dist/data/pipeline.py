@@ -54,9 +54,12 @@ def make_train_input(
     """
     source = open_source(config, config.train_split)
     examples = _source_dataset(source)
+    standardize = _standardize(config, source, examples)
+    if config.cache:
+        examples, standardize = _cached(examples.map(standardize)), None
     return _train_input(
         examples,
-        _standardize(config, source, examples),
+        standardize,
         global_batch_size=global_batch_size,
         seed=seed,
         shuffle=config.shuffle,
@@ -78,9 +81,12 @@ def make_eval_input(
     """Padded, masked full passes over ``split`` (default ``config.eval_split``)."""
     source = open_source(config, split or config.eval_split)
     examples = _source_dataset(source)
+    transforms = [_standardize(config, source, examples), AddMask()]
+    if config.cache:
+        examples, transforms = _cached(examples.map(transforms[0])), transforms[1:]
     return _grain_eval_input(
         examples,
-        [_standardize(config, source, examples), AddMask()],
+        transforms,
         global_batch_size=global_batch_size,
         prefetch=config.prefetch,
         process=_process(process_index, process_count),
@@ -304,6 +310,15 @@ def _dtype_max_level(example: Mapping[str, Any], image_key: str) -> float:
     if np.issubdtype(dtype, np.integer):
         return float(np.iinfo(dtype).max)
     return 1.0
+
+
+def _cached(examples: grain.MapDataset) -> grain.MapDataset:
+    """All of ``examples`` read once and held as arrays (``data.cache``)."""
+    if len(examples) == 0:
+        return examples
+    elements = [examples[i] for i in range(len(examples))]
+    arrays = {key: np.stack([element[key] for element in elements]) for key in elements[0]}
+    return grain.MapDataset.source(ArraySource(arrays))
 
 
 def _apply(ds: grain.MapDataset, transforms: Sequence[grain.transforms.Map]) -> grain.MapDataset:

@@ -1,4 +1,4 @@
-"""Per-example transforms of the Grain pipeline.
+"""Per-example transforms and the per-epoch shuffle of the Grain pipeline.
 
 They are small picklable classes, not closures: with ``worker_count > 0`` Grain pickles the
 whole pipeline into spawned worker processes. This module imports neither JAX nor

@@ -49,7 +49,7 @@ def resolve_model_class(model_class: str) -> type:
         return _REGISTRY[model_class]
     if "." not in model_class:
         close = difflib.get_close_matches(model_class, _REGISTRY, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
             f"model.model_class '{model_class}' is not a registered model ({', '.join(registered_models())})"
             f" nor a dotted import path like 'package.module.Class'.{hint}"

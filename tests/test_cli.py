@@ -1,0 +1,106 @@
+"""``workshop-train``: the default run's outputs, helper flags and user-error handling."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workshop_dist import ExperimentConfiguration
+from workshop_dist.cli import default_config_path, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env=None, timeout=300):
+    """Run ``python -m workshop_dist.cli`` in a fresh process (one CPU device unless env says more)."""
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    full_env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "workshop_dist.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+def test_top_level_configs_dir_holds_the_packaged_default():
+    assert (REPO / "configs" / "vae_digits.yaml").read_text() == default_config_path().read_text()
+
+
+def test_default_run_writes_checkpoints_metrics_samples_and_config(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli("--workdir", str(workdir), "training.num_epochs=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final_step = 4 * (1000 // 128)
+    step_dir = workdir / "checkpoints" / str(final_step)
+    assert {p.name for p in step_dir.iterdir()} >= {"state", "data", "config", "metadata"}
+    rows = [json.loads(line) for line in (workdir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in row for row in rows) and any("val/loss" in row for row in rows)
+    assert rows[-1]["step"] == final_step
+    assert list((workdir / "logs").glob("events.out.tfevents.*"))
+    assert (workdir / "samples" / f"step_{final_step}.png").stat().st_size > 0
+    saved = ExperimentConfiguration.load(workdir / "config.yaml")
+    assert saved == ExperimentConfiguration.load(default_config_path(), ["training.num_epochs=4"])
+    for name in ("checkpoints", "metrics.jsonl", f"step_{final_step}.png", "config.yaml"):
+        assert name in result.stdout
+
+    again = run_cli("--workdir", str(workdir), "training.num_epochs=5")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Resumed from {workdir / 'checkpoints'}/{final_step}" in again.stderr
+    assert (workdir / "checkpoints" / str(5 * (1000 // 128))).is_dir()
+
+
+def test_configuration_error_exits_2_with_one_message_and_no_traceback(tmp_path):
+    result = run_cli("--workdir", str(tmp_path), "training.optimizer.learning_rat=0.1")
+    assert result.returncode == 2
+    assert "learning_rat" in result.stderr and "did you mean 'learning_rate'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("training.batch_size=0", "batch_size"),
+        ("training.optimizer.learning_rate=-1", "learning_rate"),
+        ("model.model_class=vea", "did you mean 'vae'"),
+        ("mesh.fsdp=3", "Cannot fill mesh.data"),
+        ("training.scheduler={scheduler_type: multistep, milestones: [5, 3]}", "strictly increasing"),
+        ("training.batch_size=100", "not divisible by the data-parallel size 8"),
+    ],
+)
+def test_user_errors_return_2_with_a_clear_message(override, expected, tmp_path, capsys):
+    code = main(["--workdir", str(tmp_path), override])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "Config file not found" in capsys.readouterr().err
+
+
+def test_print_config_applies_overrides(capsys):
+    assert main(["--print-config", "training.optimizer.learning_rate=3e-4", "model.hidden_dims=[32,16]"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["training"]["optimizer"]["learning_rate"] == 3e-4
+    assert printed["model"]["hidden_dims"] == [32, 16]
+    assert ExperimentConfiguration.model_validate(printed).training.optimizer.learning_rate == 3e-4
+
+
+def test_resume_false_refuses_to_overwrite_existing_checkpoints(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    quick = ["training.scheduler=null", "training.num_samples=0"]
+    assert main(["--workdir", str(workdir), "training.max_steps=2", *quick]) == 0
+    capsys.readouterr()
+    assert main(["--workdir", str(workdir), "training.max_steps=4", "training.resume=false", *quick]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err and "training.resume=false" in err
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2]
