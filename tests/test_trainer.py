@@ -116,6 +116,25 @@ def test_log_callback_receives_train_and_val_metrics(tmp_path):
     assert all(np.isfinite(loss) for *_, loss in seen)
 
 
+def test_the_users_module_still_works_after_training():
+    model = create_model(tiny_model_config(), rngs=nnx.Rngs(0))
+    before = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    trainer = make_trainer(model=model, steps_per_epoch=2)
+    user_buffers = {leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    trainer_buffers = {
+        shard.data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(trainer.state.params) for shard in leaf.addressable_shards
+    }
+    assert not user_buffers & trainer_buffers  # donation must never reach the user's arrays
+    trainer.train_epoch()  # the step donates its state buffers
+    after = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # would raise if aliased
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert model.sample(jax.random.PRNGKey(0), 2).shape == (2, 8, 8, 1)
+    assert not np.array_equal(
+        jax.device_get(trainer.state.params["output"]["bias"]), before["output"]["bias"]
+    )  # the trainer's copy trained
+
+
 def test_training_state_supports_dict_access():
     state = make_trainer().state
     assert int(state["step"]) == 0

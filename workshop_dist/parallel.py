@@ -218,16 +218,18 @@ def place(tree: Any, shardings: Any) -> Any:
     """Copy values that are identical on every process onto the mesh with ``shardings``
     (a tree matching ``tree``, or one sharding for every leaf).
 
-    Always copies (never aliases the input), so donating the result cannot delete the
-    caller's arrays, e.g. the parameters of the module a user handed to the Trainer.
+    Local values always go through a host copy: ``device_put`` may let a shard share the
+    source buffer (even with ``may_alias=False``, for a replicated array on the source's
+    device), and donating the result would then delete the caller's array, e.g. a parameter
+    of the module a user handed to the Trainer.
     """
 
     def one(value: Any, sharding: NamedSharding) -> jax.Array:
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            return jax.device_put(value, sharding)  # already global: reshard
+        host = np.array(value)  # a copy, never a view of a device buffer
         if jax.process_count() == 1:
-            return jax.device_put(value, sharding, may_alias=False)
-        if isinstance(value, jax.Array) and value.sharding == sharding:
-            return value
-        host = np.asarray(value)
+            return jax.device_put(host, sharding)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     if isinstance(shardings, jax.sharding.Sharding):

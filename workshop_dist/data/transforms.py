@@ -1,8 +1,8 @@
 """Per-example transforms and the per-epoch shuffle of the Grain pipeline.
 
 They are small picklable classes, not closures: with ``worker_count > 0`` Grain pickles the
-whole pipeline into spawned worker processes. This module imports neither JAX nor
-TensorFlow, so workers start fast.
+whole pipeline into spawned worker processes. This module does not import TFDS or
+TensorFlow, so workers start faster.
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ class TrainingConfiguration(StrictConfig):
     )
     seed: int = pydantic.Field(0, description="Seeds parameter init, data order and the per-step rng.")
     nan_policy: Literal["stop", "skip"] = pydantic.Field(
-        "stop", description="On a non-finite loss/gradient: stop the run, or skip that update and go on."
+        "stop",
+        description="On a non-finite loss/gradient: stop the run (no checkpoint of the broken state is "
+        "written), or skip that update and go on.",
     )
     num_samples: int = pydantic.Field(64, ge=0, description="Images in each sample grid (0: none).")
     resume: bool = pydantic.Field(
@@ -44,6 +46,12 @@ class TrainingConfiguration(StrictConfig):
         None, description="Start from this checkpoint directory when the workdir has none yet."
     )
     async_checkpointing: bool = pydantic.Field(True, description="Write checkpoints in the background.")
+    max_steps_in_flight: int = pydantic.Field(
+        2,
+        ge=1,
+        description="How many steps the host may run ahead of the device (bounded async dispatch: "
+        "the device always has queued work, and XLA:CPU collectives cannot deadlock on a long queue).",
+    )
 
     @pydantic.model_validator(mode="after")
     def _one_clip_norm(self) -> TrainingConfiguration:

@@ -19,10 +19,14 @@ SAMPLE_STREAM = 0x7FFF_FFFE
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *, skip_nonfinite: bool = False
 ) -> Callable[[TrainingState, dict[str, jax.Array]], tuple[TrainingState, Metrics]]:
-    """One optimizer step. A non-finite loss or gradient leaves params and opt_state unchanged
-    and reports ``nonfinite=1``; the trainer decides whether to stop (nan_policy)."""
+    """One optimizer step; reports ``nonfinite=1`` when the loss or gradient is NaN/Inf.
+
+    With ``skip_nonfinite`` such an update is skipped (params, opt_state and model_state stay
+    as they were). Without it the step stays as lean as a hand-written one: the trainer reads
+    ``nonfinite`` before any checkpoint or evaluation and stops, so a broken state is never saved.
+    """
 
     def train_step(state: TrainingState, batch: dict[str, jax.Array]) -> tuple[TrainingState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -33,17 +37,19 @@ def make_train_step(
             return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            model_state=keep(model_state, state.model_state),
-        )
+
+        def apply(_: None) -> tuple[Any, Any, Any]:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state, model_state
+
+        if skip_nonfinite:  # lax.cond runs one branch: no extra pass over the state when finite
+            keep = lambda _: (state.params, state.opt_state, state.model_state)  # noqa: E731
+            params, opt_state, model_state = jax.lax.cond(finite, apply, keep, None)
+        else:
+            params, opt_state, model_state = apply(None)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
         metrics = {
             **metrics,
             "loss": loss,
@@ -54,6 +60,28 @@ def make_train_step(
         return new_state, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
 
     return train_step
+
+
+def make_loop_step(
+    train_step: Callable[[TrainingState, dict[str, jax.Array]], tuple[TrainingState, Metrics]],
+    metric_names: list[str],
+) -> Callable[[tuple, jax.Array, dict[str, jax.Array]], tuple[tuple, jax.Array]]:
+    """The training loop's form of ``train_step``: the same computation, fewer arrays in and out.
+
+    Dispatch cost grows with the number of arrays crossing the jit boundary (times the number
+    of devices), so only what a step changes (step, params, opt_state, model_state) is passed
+    in and returned (and donated), the rng is a read-only input, and the metrics come back
+    as one vector ordered like ``metric_names``.
+    """
+
+    def loop_step(carry: tuple, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[tuple, jax.Array]:
+        step, params, opt_state, model_state = carry
+        state = TrainingState(step, params, opt_state, rng, jnp.zeros((), jnp.float32), model_state)
+        new, metrics = train_step(state, batch)
+        carry = (new.step, new.params, new.opt_state, new.model_state)
+        return carry, jnp.stack([metrics[name] for name in metric_names])
+
+    return loop_step
 
 
 def make_eval_sums(graphdef: nnx.GraphDef) -> Callable[[TrainingState, dict[str, jax.Array], jax.Array], Metrics]:

@@ -8,6 +8,7 @@ interval late, and every log/eval/checkpoint decision uses a host-side step coun
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ from workshop_dist.training.step import (
     SAMPLE_STREAM,
     make_eval_step,
     make_eval_sums,
+    make_loop_step,
     make_sample_fn,
     make_train_step,
 )
@@ -112,28 +114,33 @@ class Trainer:
             best_loss=replicated,
             model_state=jax.tree.map(lambda _: replicated, nnx.to_pure_dict(model_state)),
         )
-        placed_params = parallel.place(params, param_shardings)
-        self.state = TrainingState.create(
+        placed_params = parallel.place(params, param_shardings)  # copies: the user's module stays usable
+        self.state = TrainingState(
+            step=parallel.place(np.int32(0), replicated),
             params=placed_params,
             opt_state=jax.jit(self.optimizer.init, out_shardings=opt_shardings)(placed_params),
             rng=parallel.place(jax.random.PRNGKey(config.seed), replicated),
+            best_loss=parallel.place(np.float32(np.inf), replicated),
             model_state=parallel.place(nnx.to_pure_dict(model_state), replicated),
         )
-        self.state = parallel.place(self.state, self.state_shardings)
 
         # --- Jitted steps ----------------------------------------------------------------
-        batch_sharding = parallel.batch_sharding(self.mesh)
-        self.train_step_fn = jax.jit(
-            make_train_step(self.graphdef, self.optimizer, self.schedule),
+        self._batch_sharding = batch_sharding = parallel.batch_sharding(self.mesh)
+        self._train_step = make_train_step(
+            self.graphdef, self.optimizer, self.schedule, skip_nonfinite=config.nan_policy == "skip"
+        )
+        self.train_step_fn = jax.jit(  # (state, batch) -> (state, metrics), as in the original design
+            self._train_step,
             in_shardings=(self.state_shardings, batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
         )
+        self._loop_step = None  # the loop's leaner form of the same step, built at the first batch
+        self.metric_names: list[str] = []
         self.validate_step_fn = jax.jit(
             make_eval_step(self.graphdef),
             in_shardings=(self.state_shardings, batch_sharding, replicated),
             out_shardings=replicated,
-            donate_argnums=2,
         )
         self._eval_sums = make_eval_sums(self.graphdef)
         self._sample_fn = jax.jit(make_sample_fn(self.graphdef), static_argnums=3, out_shardings=replicated)
@@ -145,7 +152,8 @@ class Trainer:
         self.val_metrics: list[dict[str, float]] = []
         self.train_seconds = 0.0
         self._epochs_done = 0  # counts epochs when their length is unknown
-        self._pending: list[dict[str, jax.Array]] = []  # device metrics not yet read
+        self._pending: list[jax.Array] = []  # per-step metric vectors not yet read
+        self._queued: collections.deque[jax.Array] = collections.deque()  # one small output per queued step
         self._in_flight: tuple[int, dict[str, jax.Array], int] | None = None
         self._interval_start = (0, time.perf_counter())
         self._last_eval_step = -1
@@ -227,28 +235,68 @@ class Trainer:
         self._interval_start = (self.step, time.perf_counter())
         epoch_start = time.perf_counter()
         batch = next(batches, None)
-        while batch is not None and not self.finished:
-            self.state, metrics = self.train_step_fn(self.state, batch)
-            self.step += 1
-            self._pending.append(metrics)
-            if self._in_flight is not None:  # read the previous interval while this step runs
-                self._write_interval()
-            if self.step % config.log_frequency == 0:
-                self._start_interval_read()
-            if config.eval_frequency and self.step % config.eval_frequency == 0 and self.val_data_loader is not None:
-                self._validate_and_track()
-            preempted = self.preemption is not None and self.preemption.reached(self.step)
-            if self.step % config.save_frequency == 0 or preempted:
-                self.save_checkpoint()
-            if preempted:
-                self.checkpoints.wait()
-                self.logger.info("Checkpoint for step %d is on disk; exiting for preemption.", self.step)
-                raise Preempted(self.step, self.preemption.signal_name or "signal")
-            batch = next(batches, None)  # fetch and transfer the next batch while the step runs
+        if batch is not None and self._loop_step is None:
+            self._build_loop_step(batch)
+        # Inside the loop the step-mutable part of the state lives in ``carry`` (its buffers are
+        # donated to the next step); self.state is brought up to date where it is read.
+        carry = self._carry()
+        try:
+            while batch is not None and not self.finished:
+                carry, metrics = self._loop_step(carry, self.state.rng, batch)
+                self.step += 1
+                self._pending.append(metrics)
+                self._bound_queue(metrics)
+                if self._in_flight is not None:  # read the previous interval while this step runs
+                    self._write_interval()
+                if self.step % config.log_frequency == 0:
+                    self._start_interval_read()
+                evaluate = bool(config.eval_frequency) and self.step % config.eval_frequency == 0
+                preempted = self.preemption is not None and self.preemption.reached(self.step)
+                save = (self.step % config.save_frequency == 0 or preempted) and self.checkpoint_dir is not None
+                if evaluate or save:
+                    self._adopt_carry(carry)
+                    if evaluate and self.val_data_loader is not None:
+                        self._validate_and_track()
+                    if save:
+                        self.save_checkpoint()
+                    carry = self._carry()
+                if preempted:
+                    if self.checkpoint_dir is not None:
+                        self.checkpoints.wait()
+                    self.logger.info("Checkpoint for step %d is on disk; exiting for preemption.", self.step)
+                    raise Preempted(self.step, self.preemption.signal_name or "signal")
+                batch = next(batches, None)  # fetch and transfer the next batch while the step runs
+        finally:
+            self._adopt_carry(carry)
         self._flush_metrics()
         self.train_seconds += time.perf_counter() - epoch_start
         self._epochs_done += 1
         return _average(self.train_metrics[first:])
+
+    def _carry(self) -> tuple:
+        state = self.state
+        return (state.step, state.params, state.opt_state, state.model_state)
+
+    def _adopt_carry(self, carry: tuple) -> None:
+        step, params, opt_state, model_state = carry
+        self.state = self.state.replace(step=step, params=params, opt_state=opt_state, model_state=model_state)
+
+    def _build_loop_step(self, batch: dict[str, jax.Array]) -> None:
+        self.metric_names = sorted(jax.eval_shape(self._train_step, self.state, batch)[1])
+        shardings = self.state_shardings
+        carry = (shardings.step, shardings.params, shardings.opt_state, shardings.model_state)
+        self._loop_step = jax.jit(
+            make_loop_step(self._train_step, self.metric_names),
+            in_shardings=(carry, shardings.rng, self._batch_sharding),
+            out_shardings=(carry, parallel.replicated(self.mesh)),
+            donate_argnums=0,
+        )
+
+    def _bound_queue(self, marker: jax.Array) -> None:
+        """Wait for the step ``max_steps_in_flight`` back to finish (not the one just queued)."""
+        self._queued.append(marker)
+        if len(self._queued) > self.training_config.max_steps_in_flight:
+            self._queued.popleft().block_until_ready()
 
     def _epoch_batches(self) -> Iterator[dict[str, jax.Array]]:
         """This epoch's batches, placed on the mesh (a resumed epoch yields only its remainder)."""
@@ -264,18 +312,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------
 
     def _start_interval_read(self) -> None:
-        stacked = {key: jnp.stack([m[key] for m in self._pending]) for key in self._pending[0]}
-        for value in stacked.values():
-            value.copy_to_host_async()
+        stacked = jnp.stack(self._pending)  # [steps, metrics]: one transfer per interval
+        stacked.copy_to_host_async()
         self._in_flight = (self.step, stacked, len(self._pending))
         self._pending = []
 
     def _write_interval(self) -> None:
         step, stacked, count = self._in_flight
         self._in_flight = None
-        host = jax.device_get(stacked)
+        host = np.asarray(jax.device_get(stacked))
         first_step = step - count + 1
-        rows = [{"step": first_step + i, **{k: float(v[i]) for k, v in host.items()}} for i in range(count)]
+        rows = [
+            {"step": first_step + i, **dict(zip(self.metric_names, map(float, values), strict=True))}
+            for i, values in enumerate(host)
+        ]
         self.train_metrics.extend(rows)
         self._check_finite(rows)
         start_step, start_time = self._interval_start
@@ -339,6 +389,7 @@ class Trainer:
                 zeros["num_batches"] = np.zeros((), np.float32)
                 totals = parallel.place(zeros, {key: parallel.replicated(self.mesh) for key in zeros})
             totals = self.validate_step_fn(self.state, batch, totals)
+            self._bound_queue(totals["num_examples"])
         if totals is None:
             raise WorkshopError("Evaluation data is empty.")
         sums = {key: float(value) for key, value in jax.device_get(totals).items()}

@@ -1,0 +1,249 @@
+"""Step overhead: the Trainer against a bare jitted loop and an idiomatic NNX loop.
+
+Same model, same host batches (placed on the mesh every step), same mesh, and the same optax
+transformation (the packaged default config's: adam, clip-by-global-norm 10, cosine schedule):
+  (a) Trainer.train_epoch
+  (b) nnx.split once + jax.jit over pure state with donation (the fastest plain JAX loop)
+  (c) nnx.jit + nnx.Optimizer (the idiomatic Flax NNX loop)
+Prints steps/s of each and the ratios a/b and a/c: the median of the ratios measured within
+each repetition, and their range (target: a/b >= 0.97).
+All three keep at most ``max_steps_in_flight`` (2) steps queued, as the Trainer does: on
+simulated CPU devices an unbounded queue of steps with collectives deadlocks XLA:CPU.
+
+    python benchmarks/step_overhead.py                   # tiny and default model, 8 simulated CPU devices
+    python benchmarks/step_overhead.py --devices 0       # real devices (e.g. a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=8, help="Simulated CPU devices (0: use the real devices).")
+    parser.add_argument("--steps", type=int, default=200, help="Timed steps per repetition.")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--models", default="tiny,default", help="Comma list of: tiny, default, large.")
+    parser.add_argument("--fsdp", type=int, default=1, help="mesh.fsdp (data fills the rest).")
+    parser.add_argument(
+        "--no-clip", action="store_true", help="Drop the default config's gradient clipping (all three loops)."
+    )
+    return parser.parse_args()
+
+
+IN_FLIGHT = 2  # the Trainer's default training.max_steps_in_flight
+MODELS = {
+    "tiny": {"hidden_dims": [32], "output_dim": 4},
+    "default": {"hidden_dims": [256, 128], "output_dim": 16},
+    "large": {"hidden_dims": [4096, 4096, 2048], "output_dim": 64},
+}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.devices:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    if args.devices:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    import numpy as np
+
+    from workshop_dist import parallel
+    from workshop_dist.data.digits import load_digits_split
+
+    images = load_digits_split("train")["image"].astype(np.float32) / 16.0
+    rng = np.random.default_rng(0)
+    batches = [{"image": images[rng.choice(len(images), args.batch_size)]} for _ in range(args.steps)]
+    mesh_config = parallel.MeshConfiguration(data=-1, fsdp=args.fsdp)
+    mesh = parallel.make_mesh(mesh_config)
+    clip = "no clipping" if args.no_clip else "clip-by-norm 10"
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} | mesh {dict(mesh.shape)} | "
+          f"batch {args.batch_size} | adam, {clip}, cosine | {args.steps} steps x {args.repeats} repeats")
+    for name in args.models.split(","):
+        loops = {
+            "a": trainer_loop(name, batches, mesh, mesh_config, args),
+            "b": bare_loop(name, batches, mesh, mesh_config, args),
+            "c": nnx_loop(name, batches, mesh, mesh_config, args),
+        }
+        rates, ratios = measure(loops, args.repeats)
+        ab, ac = ratios["a/b"], ratios["a/c"]
+        print(
+            f"{name:>8}: (a) Trainer {rates['a']:7.1f} steps/s | (b) split+jit {rates['b']:7.1f} | "
+            f"(c) nnx.jit {rates['c']:7.1f} | a/b = {statistics.median(ab):.3f} "
+            f"[{min(ab):.3f}..{max(ab):.3f}] | a/c = {statistics.median(ac):.3f} [{min(ac):.3f}..{max(ac):.3f}]"
+        )
+        sys.stdout.flush()
+
+
+def measure(loops: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Steps/s of each loop (median over repetitions) and the per-repetition ratios a/b, a/c.
+
+    Repetitions are interleaved, in an order that alternates (a b c, c b a, ...), and ratios are
+    taken within a repetition, so drift in the machine's load hits both sides of each ratio.
+    One warm-up epoch per loop first (compilation).
+    """
+    for run_epoch in loops.values():
+        run_epoch()
+    rates: dict[str, list[float]] = {key: [] for key in loops}
+    for repeat in range(repeats):
+        order = list(loops) if repeat % 2 == 0 else list(reversed(loops))
+        for key in order:
+            start = time.perf_counter()
+            steps = loops[key]()
+            rates[key].append(steps / (time.perf_counter() - start))
+    ratios = {
+        "a/b": [a / b for a, b in zip(rates["a"], rates["b"], strict=True)],
+        "a/c": [a / c for a, c in zip(rates["a"], rates["c"], strict=True)],
+    }
+    return {key: statistics.median(values) for key, values in rates.items()}, ratios
+
+
+def _model(name: str):
+    from flax import nnx
+
+    from workshop_dist.models import ModelConfiguration, create_model
+
+    return create_model(ModelConfiguration(**MODELS[name]), rngs=nnx.Rngs(0))
+
+
+def training_config(args, steps_per_epoch: int):
+    """The packaged default's training section (adam, clip-by-norm 10, cosine), sized for the benchmark."""
+    from workshop_dist.cli import load_config
+
+    overrides = [
+        f"training.batch_size={args.batch_size}",
+        f"training.steps_per_epoch={steps_per_epoch}",
+        "training.num_epochs=1000000",
+        "training.log_frequency=100",
+        "training.num_samples=0",
+    ]
+    if args.no_clip:
+        overrides.append("training.optimizer.gradient_clip_norm=null")
+    return load_config(None, overrides).training
+
+
+def _tx(config):
+    """The same optax transformation the Trainer builds from ``config``."""
+    from workshop_dist.optim import create_optimizer, create_schedule
+
+    total = config.num_epochs * config.steps_per_epoch
+    schedule = create_schedule(config.scheduler, config.optimizer.learning_rate, total)
+    return create_optimizer(config.effective_optimizer(), schedule)
+
+
+def trainer_loop(name, batches, mesh, mesh_config, args):
+    from workshop_dist import Trainer
+
+    config = training_config(args, len(batches))
+    trainer = Trainer(_model(name), config, lambda _: batches, None, workdir=None, mesh=mesh, mesh_config=mesh_config)
+
+    def run_epoch() -> int:
+        before = trainer.step
+        trainer.train_epoch()  # ends by reading the metrics, i.e. waits for the last step
+        return trainer.step - before
+
+    return run_epoch
+
+
+def bare_loop(name, batches, mesh, mesh_config, args):
+    import jax
+    import optax
+    from flax import nnx
+
+    from workshop_dist import parallel
+
+    graphdef, params_state, rest = nnx.split(_model(name), nnx.Param, ...)
+    params = nnx.to_pure_dict(params_state)
+    shardings = parallel.parameter_shardings(params, nnx.to_pure_dict(nnx.get_partition_spec(params_state)), mesh, mesh_config)
+    tx = _tx(training_config(args, len(batches)))
+    replicated = parallel.replicated(mesh)
+    opt_shardings = parallel.optimizer_state_shardings(tx, jax.eval_shape(tx.init, params), shardings, replicated)
+    params = parallel.place(params, shardings)
+    state = (params, jax.jit(tx.init, out_shardings=opt_shardings)(params))
+    rest = nnx.to_pure_dict(rest)
+    key = jax.random.PRNGKey(0)
+
+    def step(state, batch, step_index):
+        params, opt_state = state
+
+        def loss_fn(p):
+            return nnx.merge(graphdef, p, rest).loss(batch, jax.random.fold_in(key, step_index))
+
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    jitted = jax.jit(
+        step,
+        in_shardings=((shardings, opt_shardings), parallel.batch_sharding(mesh), replicated),
+        out_shardings=((shardings, opt_shardings), replicated),
+        donate_argnums=0,
+    )
+    counter = [0]
+
+    def run_epoch() -> int:
+        nonlocal state
+        queued = collections.deque()
+        for host in batches:
+            batch = parallel.host_batch_to_global(host, mesh)
+            state, loss = jitted(state, batch, counter[0])
+            counter[0] += 1
+            queued.append(loss)
+            if len(queued) > IN_FLIGHT:
+                queued.popleft().block_until_ready()
+        jax.block_until_ready(queued[-1])
+        return len(batches)
+
+    return run_epoch
+
+
+def nnx_loop(name, batches, mesh, mesh_config, args):
+    import jax
+    from flax import nnx
+
+    from workshop_dist import parallel
+
+    model = _model(name)
+    params_state = nnx.state(model, nnx.Param)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(params_state))
+    shardings = parallel.parameter_shardings(nnx.to_pure_dict(params_state), specs, mesh, mesh_config)
+    placed = parallel.place(nnx.to_pure_dict(params_state), shardings)
+    nnx.replace_by_pure_dict(params_state, placed)
+    nnx.update(model, params_state)
+    optimizer = nnx.Optimizer(model, _tx(training_config(args, len(batches))), wrt=nnx.Param)
+    key = jax.random.PRNGKey(0)
+
+    @nnx.jit
+    def step(model, optimizer, batch, step_index):
+        def loss_fn(m):
+            return m.loss(batch, jax.random.fold_in(key, step_index))
+
+        (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    counter = [0]
+
+    def run_epoch() -> int:
+        queued = collections.deque()
+        for host in batches:
+            queued.append(step(model, optimizer, parallel.host_batch_to_global(host, mesh), counter[0]))
+            counter[0] += 1
+            if len(queued) > IN_FLIGHT:
+                queued.popleft().block_until_ready()
+        jax.block_until_ready(queued[-1])
+        return len(batches)
+
+    return run_epoch
+
+
+if __name__ == "__main__":
+    main()
