@@ -19,8 +19,8 @@ the slice when done (or on failure / Ctrl-C) unless --keep is given.
 Required (flag, or environment variable):
   --zone ZONE                 TPU_ZONE              e.g. us-west4-a
   --accelerator-type TYPE     TPU_ACCELERATOR_TYPE  e.g. v5litepod-16, v6e-16, v5p-32, v4-32
-  --config FILE               WORKSHOP_CONFIG       relative to the project root, absolute on the workers, or gs://
-  --workdir DIR               WORKSHOP_WORKDIR      shared by all workers and restarts: use gs://BUCKET/RUN
+  --config FILE               WORKSHOP_CONFIG       relative to the project root, or absolute on the workers
+  --workdir DIR               WORKSHOP_WORKDIR      shared by all workers and restarts (e.g. a gcsfuse mount)
 
 Options:
   --name NAME                 TPU_NAME              TPU VM name (default: workshop-\$USER)
@@ -42,7 +42,7 @@ Options:
 
 Example:
   ${0##*/} --zone us-west4-a --accelerator-type v5litepod-16 --spot --max-restarts 3 \\
-    --config configs/vae_mnist.yaml --workdir gs://my-bucket/runs/vae -- mesh.fsdp=-1
+    --config configs/vae_digits.yaml --workdir /gcs/my-bucket/runs/vae -- mesh.data=1 mesh.fsdp=-1
 EOF
 }
 

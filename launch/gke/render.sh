@@ -22,8 +22,8 @@ Required (flag, or environment variable):
                                                     nvidia-h100-80gb, ...
   --topology AxB              GKE_TOPOLOGY          TPU slice topology, e.g. 4x4 (TPU only)
   --image IMAGE               WORKSHOP_IMAGE        built from docker/Dockerfile.tpu or .gpu
-  --config FILE               WORKSHOP_CONFIG       path inside the container, or gs://
-  --workdir DIR               WORKSHOP_WORKDIR      must outlive pods: gs://BUCKET/RUN or a shared volume
+  --config FILE               WORKSHOP_CONFIG       path inside the container
+  --workdir DIR               WORKSHOP_WORKDIR      must outlive pods: a shared volume (Filestore, GCS FUSE)
 
 Options:
   --name NAME                 JOBSET_NAME           JobSet name (default: workshop-train)
