@@ -190,7 +190,9 @@ class Trainer:
             if self.checkpoint_dir is None:
                 raise WorkshopError("This trainer has no workdir/checkpoint_dir: pass a path to save_checkpoint().")
             self._checkpoints = ckpt.CheckpointManager(
-                self.checkpoint_dir, max_to_keep=self.training_config.max_checkpoints
+                self.checkpoint_dir,
+                max_to_keep=self.training_config.max_checkpoints,
+                async_save=self.training_config.async_checkpointing,
             )
         return self._checkpoints
 
@@ -213,9 +215,11 @@ class Trainer:
         config = self.training_config
         last: dict[str, float] = {}
         while self.epoch < config.num_epochs and not self.finished:
-            last = self.train_epoch()
+            # Epoch-end validation runs at the epoch's last step, before that step's checkpoint,
+            # so a checkpoint always includes the evaluation (and best loss) of its own step.
+            last = self._train_epoch(validate_at_end=config.eval_frequency is None)
             if config.eval_frequency is None and self._last_eval_step != self.step:
-                last = self._validate_and_track() or last
+                last = self._validate_and_track() or last  # epoch length unknown in advance
         if self._last_eval_step != self.step:
             last = self._validate_and_track() or last
         if self.checkpoint_dir is not None:
@@ -228,8 +232,16 @@ class Trainer:
         return self.total_steps is not None and self.step >= self.total_steps
 
     def train_epoch(self) -> dict[str, float]:
-        """Train one epoch (the rest of it after a mid-epoch resume); return its averaged metrics."""
+        """Train one epoch (the rest of it after a mid-epoch resume); return its averaged metrics.
+
+        Validates every ``eval_frequency`` steps when that is set (``fit`` also validates at
+        each epoch's end).
+        """
+        return self._train_epoch(validate_at_end=False)
+
+    def _train_epoch(self, *, validate_at_end: bool) -> dict[str, float]:
         config = self.training_config
+        epoch_end = self.steps_per_epoch if validate_at_end else None
         first = len(self.train_metrics) + len(self._pending) + (self._in_flight[2] if self._in_flight else 0)
         batches = self._epoch_batches()
         self._interval_start = (self.step, time.perf_counter())
@@ -250,7 +262,9 @@ class Trainer:
                     self._write_interval()
                 if self.step % config.log_frequency == 0:
                     self._start_interval_read()
-                evaluate = bool(config.eval_frequency) and self.step % config.eval_frequency == 0
+                evaluate = (bool(config.eval_frequency) and self.step % config.eval_frequency == 0) or (
+                    bool(epoch_end) and self.step % epoch_end == 0
+                )
                 preempted = self.preemption is not None and self.preemption.reached(self.step)
                 save = (self.step % config.save_frequency == 0 or preempted) and self.checkpoint_dir is not None
                 if evaluate or save:

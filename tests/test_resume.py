@@ -1,0 +1,159 @@
+"""Preemption-safe, bit-identical resume, exercised with the real CLI in subprocesses.
+
+A run interrupted by SIGTERM (it saves and exits 75) or killed by SIGKILL (at any moment,
+also during an async save) and then started again with the same command must end with
+exactly the same checkpoint, array for array, as a run that was never interrupted.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from workshop_dist.training.preemption import EXIT_PREEMPTED
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 1000 // 128
+EPOCHS = 6
+FINAL = EPOCHS * STEPS_PER_EPOCH
+RUN = [
+    f"training.num_epochs={EPOCHS}",
+    "training.save_frequency=4",
+    "training.log_frequency=1",
+    "training.max_checkpoints=3",
+    "training.scheduler.warmup_steps=5",
+    "training.num_samples=4",
+]
+
+
+class Run:
+    """``workshop-train`` in a subprocess whose stderr is collected line by line."""
+
+    def __init__(self, workdir: Path, *extra: str):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        env.pop("XLA_FLAGS", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workshop_dist.cli", "--workdir", str(workdir), *RUN, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.proc.poll() is None, f"exited before '{text}':\n{self.output[-3000:]}"
+            assert time.monotonic() < deadline, f"no '{text}' within {timeout}s:\n{self.output[-3000:]}"
+            time.sleep(0.01)
+
+    def finish(self, timeout: float = 300) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def read_checkpoint(step_dir: Path) -> dict[str, np.ndarray]:
+    """Every array of a checkpoint's training state, by path, plus the data position."""
+    with warnings.catch_warnings():  # no target shardings: plain host arrays are what we want
+        warnings.simplefilter("ignore", UserWarning)
+        tree = ocp.PyTreeCheckpointer().restore(step_dir / "state")
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    flat["data"] = np.frombuffer(json.dumps(read_data_position(step_dir)).encode(), np.uint8)
+    return flat
+
+
+def read_data_position(step_dir: Path) -> dict:
+    return json.loads((step_dir / "data" / "process_0-of-1.json").read_text())
+
+
+def assert_identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, np.ndarray]:
+    workdir = tmp_path_factory.mktemp("reference")
+    run = Run(workdir)
+    assert run.finish() == 0, run.output[-3000:]
+    assert steps(workdir)[-1] == FINAL
+    return read_checkpoint(workdir / "checkpoints" / str(FINAL))
+
+
+def test_sigterm_saves_exits_75_and_resumes_bit_identically(tmp_path, reference):
+    workdir = tmp_path / "run"
+    stops = []
+    for stop_at, signals in ((6, 2), (19, 1)):  # the first stop also gets a second SIGTERM mid-save
+        run = Run(workdir)
+        run.wait_for(f"train step {stop_at}:")
+        for _ in range(signals):
+            run.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        assert run.finish() == EXIT_PREEMPTED, run.output[-3000:]
+        assert "Run the same command again to resume" in run.output
+        stops.append(steps(workdir)[-1])
+        assert stop_at <= stops[-1] < FINAL
+    run = Run(workdir)
+    assert run.finish() == 0, run.output[-3000:]
+    assert f"Resumed from {workdir / 'checkpoints'}/{stops[-1]}" in run.output
+    assert_identical(read_checkpoint(workdir / "checkpoints" / str(FINAL)), reference)
+
+
+def test_sigkill_at_any_moment_even_mid_save_resumes_bit_identically(tmp_path, reference):
+    workdir = tmp_path / "run"
+    ckpts = workdir / "checkpoints"
+    run = Run(workdir)  # 1: killed while an async save is being written
+    run.wait_for("train step 3:")
+    deadline = time.monotonic() + 120
+    while not any(".orbax-checkpoint-tmp" in p.name for p in ckpts.iterdir()):
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.output[-3000:]
+        time.sleep(0.001)
+    run.proc.kill()
+    run.finish()
+    killed_mid_save = [p.name for p in ckpts.iterdir() if ".orbax-checkpoint-tmp" in p.name]
+    assert killed_mid_save, "the kill should have left an incomplete save behind"
+
+    run = Run(workdir)  # 2: killed between checkpoints
+    run.wait_for("Resumed from")
+    run.wait_for("train step 22:")
+    run.proc.kill()
+    run.finish()
+    last_complete = steps(workdir)[-1]
+    assert last_complete < FINAL
+
+    run = Run(workdir)  # 3: to the end
+    assert run.finish() == 0, run.output[-3000:]
+    assert f"Resumed from {ckpts}/{last_complete}" in run.output
+    assert not [p for p in ckpts.iterdir() if ".orbax-checkpoint-tmp" in p.name]  # cleaned up
+    assert_identical(read_checkpoint(ckpts / str(FINAL)), reference)
