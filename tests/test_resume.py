@@ -133,10 +133,10 @@ def test_sigterm_saves_exits_75_and_resumes_bit_identically(tmp_path, reference)
 def test_sigkill_at_any_moment_even_mid_save_resumes_bit_identically(tmp_path, reference):
     workdir = tmp_path / "run"
     ckpts = workdir / "checkpoints"
-    run = Run(workdir)  # 1: killed while an async save is being written
+    run = Run(workdir)  # 1: killed while an async save is being written (not the first one)
     run.wait_for("train step 3:")
     deadline = time.monotonic() + 120
-    while not any(".orbax-checkpoint-tmp" in p.name for p in ckpts.iterdir()):
+    while not steps(workdir) or not any(".orbax-checkpoint-tmp" in p.name for p in ckpts.iterdir()):
         assert run.proc.poll() is None and time.monotonic() < deadline, run.output[-3000:]
         time.sleep(0.001)
     run.proc.kill()

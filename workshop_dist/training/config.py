@@ -46,6 +46,11 @@ class TrainingConfiguration(StrictConfig):
         None, description="Start from this checkpoint directory when the workdir has none yet."
     )
     async_checkpointing: bool = pydantic.Field(True, description="Write checkpoints in the background.")
+    replica_parallel_checkpoints: bool = pydantic.Field(
+        False,
+        description="Split the writing of replicated arrays between their replicas (helps multi-host "
+        "data parallelism finish saves sooner, costs the loop more time per save).",
+    )
     max_steps_in_flight: int = pydantic.Field(
         2,
         ge=1,

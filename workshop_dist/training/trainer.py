@@ -193,6 +193,7 @@ class Trainer:
                 self.checkpoint_dir,
                 max_to_keep=self.training_config.max_checkpoints,
                 async_save=self.training_config.async_checkpointing,
+                replica_parallel=self.training_config.replica_parallel_checkpoints,
             )
         return self._checkpoints
 
