@@ -37,8 +37,8 @@ def test_eval_pass_over_1000_examples_counts_each_once(config, process_count):
     assert sum(b["mask"].sum() for p in passes for b in p) == 1000
     for p in passes:
         _check_pass(p, local)
-    # The real examples are exactly the split, in order, once.
-    images = np.concatenate([b["image"][b["mask"] == 1] for p in passes for b in p])
+    # The real examples are exactly the split, in order, once: batch by batch, process by process.
+    images = np.concatenate([p[i]["image"][p[i]["mask"] == 1] for i in range(len(passes[0])) for p in passes])
     expected = digits.load_digits_split("train")["image"].astype(np.float32) / 16
     np.testing.assert_array_equal(images, expected)
 
@@ -58,15 +58,15 @@ def test_each_iteration_is_a_fresh_full_pass(config):
     assert set(evaluation.element_spec) == {"image", "label", "mask"}
 
 
-def test_a_process_with_fewer_examples_pads_with_masked_batches(config):
-    # 350 validation examples over 3 processes: parts of 117, 117 and 116 = 29 batches of 4;
-    # the others need 30 batches, so process 2 ends with a fully masked one.
+def test_processes_pad_the_last_global_batch_with_masked_rows(config):
+    # 350 validation examples in global batches of 12: 30 batches, the last with 2 real
+    # examples, both in process 0's 4 rows; processes 1 and 2 get fully masked rows.
     inputs = [
         make_eval_input(config, global_batch_size=12, process_index=i, process_count=3) for i in range(3)
     ]
     passes = [list(evaluation) for evaluation in inputs]
     assert [len(p) for p in passes] == [30, 30, 30]
-    assert [p[-1]["mask"].sum() for p in passes] == [1.0, 1.0, 0.0]
+    assert [p[-1]["mask"].sum() for p in passes] == [2.0, 0.0, 0.0]
     assert sum(b["mask"].sum() for p in passes for b in p) == 350
     # An extreme case: 65 examples, 2 processes of 32 -> 33 and 32 examples, 2 batches each.
     arrays = {"image": np.ones((65, 2, 2, 1), np.float32), "label": np.arange(65)}
@@ -104,4 +104,4 @@ def test_padded_batches_helpers():
         list(process_padded_batches(examples, global_batch_size=4, process_index=i, process_count=2))
         for i in range(2)
     ]
-    assert [[b["x"][b["mask"] == 1].tolist() for b in p] for p in parts] == [[[0, 1], [2]], [[3, 4], []]]
+    assert [[b["x"][b["mask"] == 1].tolist() for b in p] for p in parts] == [[[0, 1], [4]], [[2, 3], []]]

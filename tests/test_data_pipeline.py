@@ -8,7 +8,6 @@ import pytest
 
 from workshop_dist.config import ConfigError
 from workshop_dist.data import DataConfiguration, array_train_input, digits, make_eval_input, make_train_input
-from workshop_dist.data.arrays import shard_bounds
 from workshop_dist.parallel import MeshConfiguration, batch_sharding, host_batch_to_global, make_mesh
 
 SINGLE = {"process_index": 0, "process_count": 1}
@@ -108,33 +107,26 @@ def test_no_shuffle_keeps_order():
 
 
 @pytest.mark.parametrize("num", [1000, 1001, 1037])
-def test_two_processes_get_disjoint_shards_and_the_same_steps(num):
-    inputs = [
-        ids_input(num, global_batch_size=100, seed=5, process_index=i, process_count=2) for i in range(2)
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_processes_read_disjoint_rows_of_the_same_global_batches(num, process_count):
+    single = ids_input(num, global_batch_size=100, seed=5)
+    parts = [
+        ids_input(num, global_batch_size=100, seed=5, process_index=i, process_count=process_count)
+        for i in range(process_count)
     ]
-    assert inputs[0].steps_per_epoch == inputs[1].steps_per_epoch == num // 100
-    assert inputs[0].local_batch_size == 50
-    seen = []
-    for index, train in enumerate(inputs):
-        ids = np.concatenate([b["id"] for b in take(train, 4 * train.steps_per_epoch)])
-        start, stop = shard_bounds(num, index, 2)
-        assert ids.min() >= start and ids.max() < stop
-        seen.append(set(ids))
-    assert not seen[0] & seen[1]
-    if num == 1000:  # epochs then cover each shard exactly
-        assert seen[0] | seen[1] == set(range(num))
-    # Shards together cover the split.
-    bounds = [shard_bounds(num, i, 2) for i in range(2)]
-    assert bounds[0][0] == 0 and bounds[0][1] == bounds[1][0] and bounds[1][1] == num
-
-
-def test_processes_shuffle_independently():
-    a, b = (
-        ids_input(1000, global_batch_size=100, seed=5, process_index=i, process_count=2) for i in range(2)
-    )
-    order_a = np.concatenate([x["id"] for x in take(a, 10)])
-    order_b = np.concatenate([x["id"] for x in take(b, 10)]) - 500
-    assert not np.array_equal(np.argsort(order_a), np.argsort(order_b))
+    assert {p.steps_per_epoch for p in parts} == {single.steps_per_epoch} == {num // 100}
+    assert parts[0].local_batch_size == 100 // process_count
+    steps = 3 * single.steps_per_epoch
+    local = [np.stack([b["id"] for b in take(p, steps)]) for p in parts]  # [process][step, row]
+    for step, batch in enumerate(take(single, steps)):
+        # The processes' rows, in process order, are exactly the one-process global batch.
+        np.testing.assert_array_equal(np.concatenate([ids[step] for ids in local]), batch["id"])
+    for epoch in range(3):
+        rows = slice(epoch * single.steps_per_epoch, (epoch + 1) * single.steps_per_epoch)
+        seen = [set(ids[rows].ravel()) for ids in local]
+        assert sum(map(len, seen)) == len(set().union(*seen)) == single.steps_per_epoch * 100  # disjoint
+        if num == 1000:
+            assert set().union(*seen) == set(range(num))  # together they cover the split
 
 
 def test_bad_batch_sizes_are_config_errors():
@@ -183,3 +175,11 @@ def test_cache_gives_the_same_batches(config):
         assert a.keys() == b.keys()
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
+
+
+def test_random_flips_do_not_depend_on_the_number_of_processes(config):
+    flipping = config.model_copy(update={"random_flip": True})
+    single = take(make_train_input(flipping, global_batch_size=64, seed=3, **SINGLE), 4)
+    halves = [take(make_train_input(flipping, global_batch_size=64, seed=3, process_index=i, process_count=2), 4) for i in range(2)]
+    for step, batch in enumerate(single):
+        np.testing.assert_array_equal(np.concatenate([h[step]["image"] for h in halves]), batch["image"])

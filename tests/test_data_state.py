@@ -131,3 +131,17 @@ def test_import_starts_nothing_and_writes_nothing(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_seek_positions_the_stream_like_consumed_batches(workers):
+    examples = {"image": np.zeros((200, 1), np.float32), "id": np.arange(200)}
+    reference = array_train_input(examples, global_batch_size=20, seed=1, **SINGLE)
+    expected = [next(reference)["id"] for _ in range(27)][23:]
+    sought = array_train_input(examples, global_batch_size=20, seed=1, worker_count=workers, **SINGLE)
+    sought.seek(23)
+    try:
+        for batch_ids in expected:
+            np.testing.assert_array_equal(next(sought)["id"], batch_ids)
+    finally:
+        sought.close()

@@ -114,10 +114,21 @@ def check_shapes(saved: Any, target: Any, where: str) -> None:
         )
 
 
+def has_data_position(step_dir: str | Path) -> bool:
+    """Whether the checkpoint holds this process's data position for the current process count."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return (Path(step_dir) / DATA / name).is_file()
+
+
 def _restore_composite(
     restore: Any, metadata_of: Any, where: str, abstract_state: Any, data_iterator: Any
-) -> tuple[Any, dict]:
-    """Restore via ``restore(args)`` after checking shapes against ``metadata_of()``."""
+) -> tuple[Any, dict, bool]:
+    """Restore via ``restore(args)`` after checking shapes against ``metadata_of()``.
+
+    Returns the state, the metadata, and whether the data iterator was restored (it is not
+    when the checkpoint was written by another number of processes: their positions do not
+    map onto this run's; the caller positions the pipeline from the step instead).
+    """
     saved = metadata_of()
     saved_state = saved.get(STATE, None)
     if saved_state is None:
@@ -128,12 +139,11 @@ def _restore_composite(
         STATE: ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
         METADATA: ocp.args.JsonRestore(),
     }
-    if data_iterator is not None:
-        if DATA not in saved or (saved[DATA] is None and not (Path(where) / DATA).exists()):
-            raise CheckpointError(f"Checkpoint {where} holds no data-iterator position.")
+    data_restored = data_iterator is not None and has_data_position(where)
+    if data_restored:
         items[DATA] = _grain_args()[1](data_iterator)
     restored = restore(ocp.args.Composite(**items))
-    return restored[STATE], dict(restored[METADATA] or {})
+    return restored[STATE], dict(restored[METADATA] or {}), data_restored
 
 
 class CheckpointManager:
@@ -205,8 +215,12 @@ class CheckpointManager:
         """Block until every pending save is complete on disk."""
         self._manager.wait_until_finished()
 
-    def restore(self, abstract_state: Any, *, data_iterator: Any = None, step: int | None = None) -> tuple[Any, dict, int]:
+    def restore(
+        self, abstract_state: Any, *, data_iterator: Any = None, step: int | None = None
+    ) -> tuple[Any, dict, int, bool]:
         """Restore ``step`` (default: the latest readable one) into ``abstract_state``'s shardings.
+
+        Returns the state, its metadata, the step, and whether the data position was restored.
 
         An unreadable checkpoint is skipped with a warning naming it and the previous one is
         tried; a shape mismatch is an error (every older checkpoint would mismatch too).
@@ -218,14 +232,14 @@ class CheckpointManager:
         for candidate in steps:
             where = str(self.directory / str(candidate))
             try:
-                state, metadata = _restore_composite(
+                state, metadata, data_restored = _restore_composite(
                     lambda args, s=candidate: self._manager.restore(s, args=args),
                     lambda s=candidate: self._manager.item_metadata(s),
                     where,
                     abstract_state,
                     data_iterator,
                 )
-                return state, metadata, candidate
+                return state, metadata, candidate, data_restored
             except CheckpointError as err:
                 if "does not match" in str(err):
                     raise
@@ -265,7 +279,9 @@ def save_checkpoint_dir(
     return path
 
 
-def load_checkpoint_dir(path: str | Path, abstract_state: Any, *, data_iterator: Any = None) -> tuple[Any, dict]:
+def load_checkpoint_dir(
+    path: str | Path, abstract_state: Any, *, data_iterator: Any = None
+) -> tuple[Any, dict, bool]:
     """Read a checkpoint directory written by :func:`save_checkpoint_dir` or a manager step dir."""
     path = Path(path).absolute()
     if not (path / STATE).is_dir():

@@ -14,6 +14,7 @@ from workshop_dist.data.pipeline import (
     array_train_input,
     make_eval_input,
     make_train_input,
+    process_rows,
 )
 from workshop_dist.data.records import write_array_record
 from workshop_dist.data.sources import DatasetNotPreparedError, resolve_data_dir
@@ -27,6 +28,7 @@ __all__ = [
     "array_train_input",
     "make_eval_input",
     "make_train_input",
+    "process_rows",
     "resolve_data_dir",
     "write_array_record",
 ]

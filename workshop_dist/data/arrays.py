@@ -1,9 +1,9 @@
 """In-memory data: numpy arrays or dicts of arrays, batched with padding and a mask.
 
 Used by ``Trainer.evaluate(data, batch_size)`` for data the user holds in memory, and by
-:func:`workshop_dist.data.array_eval_input`. With several processes each takes its
-contiguous part of the arrays (:func:`shard_bounds`) and all yield the same number of
-batches (:func:`eval_num_batches`), padding with fully masked batches where needed.
+:func:`workshop_dist.data.array_eval_input`. With several processes each takes its rows of
+every global batch (:func:`process_padded_batches`), so all yield the same number of
+batches and a global batch is the same for any number of processes.
 """
 
 from __future__ import annotations
@@ -29,32 +29,20 @@ def as_example_dict(data: np.ndarray | Mapping[str, np.ndarray]) -> Batch:
     return examples
 
 
-def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """``[start, stop)`` of process ``process_index``'s contiguous, disjoint part of the examples.
-
-    Parts differ in size by at most one (the first ``num_examples % process_count`` get the
-    extra example) and together cover everything, like Grain's ``ShardByJaxProcess`` with
-    ``drop_remainder=False``.
-    """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-    base, extra = divmod(num_examples, process_count)
-    start = process_index * base + min(process_index, extra)
-    return start, start + base + (process_index < extra)
-
-
-def eval_num_batches(num_examples: int, local_batch_size: int, process_count: int) -> int:
-    """Batches every process yields in a full eval pass: enough for the largest part."""
-    return math.ceil(math.ceil(num_examples / process_count) / local_batch_size)
+def eval_num_batches(num_examples: int, global_batch_size: int) -> int:
+    """Global batches in a full eval pass; every process yields this many."""
+    return math.ceil(num_examples / global_batch_size)
 
 
 def process_padded_batches(
     examples: Batch, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
 ) -> Iterator[Batch]:
-    """This process's part of ``examples`` in ``global_batch_size // process_count`` batches.
+    """This process's rows of each global batch of ``examples`` (the last one zero-padded).
 
-    Every process yields :func:`eval_num_batches` batches, so collectives over the
-    global batch stay in step; masks count each example exactly once over all processes.
+    The examples are cut into global batches in order, and each process takes its
+    contiguous ``global_batch_size // process_count`` rows of every one, so all processes
+    yield :func:`eval_num_batches` batches (collectives stay in step), masks count every
+    example exactly once, and a global batch does not depend on the number of processes.
     """
     if global_batch_size % process_count:
         raise ValueError(
@@ -62,9 +50,15 @@ def process_padded_batches(
         )
     local = global_batch_size // process_count
     num = len(next(iter(examples.values())))
-    start, stop = shard_bounds(num, process_index, process_count)
-    part = {key: value[start:stop] for key, value in examples.items()}
-    yield from padded_batches(part, local, num_batches=eval_num_batches(num, local, process_count))
+    rows = np.arange(process_index * local, (process_index + 1) * local)
+    for batch_index in range(eval_num_batches(num, global_batch_size)):
+        index = batch_index * global_batch_size + rows
+        real = index < num
+        batch = {key: value[np.minimum(index, num - 1)] for key, value in examples.items()}
+        for value in batch.values():
+            value[~real] = 0
+        batch["mask"] = real.astype(np.float32)
+        yield batch
 
 
 def padded_batches(examples: Batch, batch_size: int, *, num_batches: int | None = None) -> Iterator[Batch]:

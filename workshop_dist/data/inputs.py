@@ -95,6 +95,27 @@ class TrainInput:
             )
         self.iterator.set_state(state)
 
+    def seek(self, batches: int) -> None:
+        """Continue after ``batches`` batches, as if they had been consumed.
+
+        The stream depends only on the seed and the global batch size, not on the number of
+        processes, so this also positions a run resumed on another process topology (where
+        no saved iterator state fits).
+        """
+        workers = self._worker_count
+        if not workers:
+            state: dict[str, Any] = {"next_index": batches}
+        else:  # Grain interleaves workers round-robin: worker w produced batches w, w + W, ...
+            state = {
+                "next_index_in_cycle": batches % workers,
+                "next_index_in_datasets": workers,
+                "iterators_in_use_indices": list(range(workers)),
+                "iterators_in_use_states": [{"next_index": len(range(w, batches, workers))} for w in range(workers)],
+                "exhausted": [0] * workers,
+                "future_states": {},
+            }
+        self.iterator.set_state(state)
+
     def close(self) -> None:
         """Stop worker processes and threads; a later batch resumes where this one stopped."""
         if self._iterator is not None:

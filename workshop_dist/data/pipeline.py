@@ -3,19 +3,21 @@
 Training, per process (all Grain ``MapDataset`` steps, so every element has an index and
 the iterator state is a position)::
 
-    source -> this process's shard -> shuffle (new permutation each epoch)
-           -> first steps_per_epoch * local_batch of each epoch -> repeat forever
-           -> decode, standardize -> random flip -> batch -> prefetch (thread or workers)
+    source -> shuffle (one global permutation per epoch, the same on every process)
+           -> first steps_per_epoch * global_batch of each epoch -> repeat forever
+           -> decode, standardize -> random flip -> this process's rows of each global batch
+           -> batch -> prefetch (thread or workers)
 
-Each epoch is exactly ``steps_per_epoch`` batches built from that epoch's permutation
-only (clean boundaries); every process yields the same number of steps because
-``steps_per_epoch = num_examples // global_batch_size`` and every shard holds at least
-``steps_per_epoch * local_batch`` examples. The examples left over in an epoch differ
-from epoch to epoch. Worker processes each build every ``worker_count``-th batch and
+Each epoch is exactly ``steps_per_epoch = num_examples // global_batch_size`` global
+batches built from that epoch's permutation only (clean boundaries); the examples left over
+differ from epoch to epoch. A global batch holds the same examples in the same order for
+any number of processes (each process reads only its rows), so a run gives the same
+result on 1 host x 8 devices as on 2 hosts x 4, and the pipeline's position is a function
+of the step alone (:meth:`TrainInput.seek`). Worker processes each build every ``worker_count``-th batch and
 Grain interleaves them back in order, so the batches do not depend on ``worker_count``.
 
-Evaluation: each process batches its shard, pads the last batch and appends fully masked
-batches so all processes yield the same number; ``mask`` marks real examples.
+Evaluation: the split in global batches (the last padded with masked zero examples), each
+process reading its rows of every one, as in training; ``mask`` marks real examples.
 
 The host -> device step is not here: the trainer calls ``parallel.host_batch_to_global``.
 """
@@ -31,11 +33,11 @@ import jax
 import numpy as np
 
 from workshop_dist.config import ConfigError
-from workshop_dist.data.arrays import as_example_dict, eval_num_batches, process_padded_batches, shard_bounds
+from workshop_dist.data.arrays import as_example_dict, eval_num_batches, process_padded_batches
 from workshop_dist.data.config import DataConfiguration
 from workshop_dist.data.inputs import Batch, EvalInput, TrainInput
 from workshop_dist.data.sources import ArraySource, Source, open_source
-from workshop_dist.data.transforms import AddMask, EpochShuffle, RandomFlip, Standardize
+from workshop_dist.data.transforms import AddMask, EpochShuffle, ProcessRows, RandomFlip, Standardize
 
 # ----------------------------------------------------------------------------- public factories
 
@@ -146,7 +148,7 @@ def array_eval_input(
     return EvalInput(
         batches,
         num_examples=num,
-        num_batches=eval_num_batches(num, local, count),
+        num_batches=eval_num_batches(num, global_batch_size),
         global_batch_size=global_batch_size,
         local_batch_size=local,
         first_batch=lambda: next(batches()),
@@ -182,6 +184,16 @@ def derive_seed(seed: int, *path: int) -> int:
 _SHUFFLE, _FLIP = 0, 1
 
 
+def process_rows(global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+    """The rows of each global batch a process provides: its contiguous share, in order.
+
+    This matches how ``jax.make_array_from_process_local_data`` assembles a batch sharded
+    over a mesh whose devices are ordered by process (``jax.make_mesh``).
+    """
+    local = local_batch_size(global_batch_size, process_count)
+    return np.arange(process_index * local, (process_index + 1) * local)
+
+
 def _train_input(
     examples: grain.MapDataset,
     standardize: grain.transforms.Map | None,
@@ -203,17 +215,20 @@ def _train_input(
             f"The training split has {num_examples} examples, fewer than one global batch of "
             f"{global_batch_size}; use a smaller batch size or more data."
         )
-    start, stop = shard_bounds(num_examples, index, count)
-    ds = examples[start:stop]
+    # Every process builds the same global stream (one permutation per epoch, flips drawn at
+    # each example's global index) and reads only its rows of each global batch, so the
+    # batches do not depend on the number of processes.
+    ds = examples
     if shuffle:
-        ds = EpochShuffle(ds, seed=derive_seed(seed, index, _SHUFFLE))
+        ds = EpochShuffle(ds, seed=derive_seed(seed, _SHUFFLE))
     # Slicing after the shuffle keeps epoch e's permutation for epoch e (Grain's slice maps
-    # index e * len + i to epoch e of its parent); the shard always has enough examples.
-    ds = ds[: steps_per_epoch * local].repeat()
+    # index e * len + i to epoch e of its parent).
+    ds = ds[: steps_per_epoch * global_batch_size].repeat()
     if standardize is not None:
         ds = ds.map(standardize)
     if random_flip:
-        ds = ds.random_map(RandomFlip(), seed=derive_seed(seed, index, _FLIP))
+        ds = ds.random_map(RandomFlip(), seed=derive_seed(seed, _FLIP))
+    ds = ProcessRows(ds, global_batch_size=global_batch_size, rows=process_rows(global_batch_size, index, count))
     batches = ds.batch(local, drop_remainder=True)
     iter_ds = batches.to_iter_dataset(_read_options(prefetch))
     if worker_count:
@@ -239,20 +254,20 @@ def _grain_eval_input(
     prefetch: int,
     process: tuple[int, int],
 ) -> EvalInput:
+    """The split in global batches, the last padded with masked zero examples; each process
+    reads its rows of every global batch (like training)."""
     index, count = process
     num_examples = len(examples)
     if num_examples == 0:
         raise ConfigError("The evaluation split is empty.")
     local = local_batch_size(global_batch_size, count)
-    num_batches = eval_num_batches(num_examples, local, count)
-    start, stop = shard_bounds(num_examples, index, count)
-    real = _apply(examples[start:stop], transforms)
-    padding_count = num_batches * local - (stop - start)
-    parts = [real] if stop > start else []
+    num_batches = eval_num_batches(num_examples, global_batch_size)
+    ds = _apply(examples, transforms)
+    padding_count = num_batches * global_batch_size - num_examples
     if padding_count:
-        template = _apply(examples, transforms)[0]
-        parts.append(grain.MapDataset.source(_Padding(_zeros_like(template), padding_count)))
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+        padding = grain.MapDataset.source(_Padding(_zeros_like(ds[0]), padding_count))
+        ds = grain.MapDataset.concatenate([ds, padding])
+    ds = ProcessRows(ds, global_batch_size=global_batch_size, rows=process_rows(global_batch_size, index, count))
     batches = ds.batch(local)
     read_options = _read_options(prefetch)
     return EvalInput(

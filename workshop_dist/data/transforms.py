@@ -122,3 +122,32 @@ class EpochShuffle(grain.MapDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_permutations": {}}  # workers recompute; don't ship arrays
+
+
+class ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch of ``parent`` (a dataset in global batch order).
+
+    Local element ``i`` is row ``rows[i % len(rows)]`` of global batch ``i // len(rows)``, so
+    the processes together read each global batch exactly once, and a global batch holds the
+    same examples in the same order whatever the number of processes.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, *, global_batch_size: int, rows: np.ndarray):
+        super().__init__(parent)
+        self._global = global_batch_size
+        self._rows = np.asarray(rows, np.int64)
+        self._length = len(parent) // global_batch_size * len(self._rows)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __str__(self) -> str:
+        return f"ProcessRows({len(self._rows)} of {self._global})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, len(self._rows))
+        return self._parent[batch * self._global + int(self._rows[row])]

@@ -45,8 +45,9 @@ class PipelineInput:
         del skip  # a restored pipeline is already positioned mid-epoch
         return itertools.islice(self.pipeline, remaining)
 
-    def restored(self, step: int, steps_per_epoch: int | None) -> None:
-        pass
+    def seek(self, step: int) -> None:
+        """Position the pipeline after ``step`` batches (when no saved position fits this run)."""
+        self.pipeline.seek(step)
 
 
 class LoaderInput:
@@ -69,8 +70,8 @@ class LoaderInput:
         batches = (as_batch(batch) for batch in iter(self.loader(self.batch_size)))
         return itertools.islice(batches, skip, None if remaining is None else skip + remaining)
 
-    def restored(self, step: int, steps_per_epoch: int | None) -> None:
-        pass
+    def seek(self, step: int) -> None:
+        del step  # the epoch's first batches are skipped when it starts (see the class docstring)
 
 
 def _length(iterable: Any) -> int | None:

@@ -497,8 +497,10 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Load a checkpoint directory (from :meth:`save_checkpoint` or a run's ``checkpoints/<step>``)."""
         data_iterator = self.train_input.checkpointable_iterator if self.train_input else None
-        state, metadata = ckpt.load_checkpoint_dir(path, self._abstract_state(), data_iterator=data_iterator)
-        self._adopt(state, metadata)
+        state, metadata, data_restored = ckpt.load_checkpoint_dir(
+            path, self._abstract_state(), data_iterator=data_iterator
+        )
+        self._adopt(state, metadata, data_restored)
 
     def restore(self, step: int | None = None) -> int | None:
         """Continue from the latest readable checkpoint in the checkpoint dir (or ``step``).
@@ -508,11 +510,13 @@ class Trainer:
         if self.checkpoint_dir is None or not self.checkpoints.all_steps():
             return None
         data_iterator = self.train_input.checkpointable_iterator if self.train_input else None
-        state, metadata, restored = self.checkpoints.restore(self._abstract_state(), data_iterator=data_iterator, step=step)
-        self._adopt(state, metadata)
+        state, metadata, restored, data_restored = self.checkpoints.restore(
+            self._abstract_state(), data_iterator=data_iterator, step=step
+        )
+        self._adopt(state, metadata, data_restored)
         return restored
 
-    def _adopt(self, state: TrainingState, metadata: Mapping[str, Any]) -> None:
+    def _adopt(self, state: TrainingState, metadata: Mapping[str, Any], data_restored: bool) -> None:
         self.state = state
         self.step = int(jax.device_get(state.step))
         self.best_loss = float(jax.device_get(state.best_loss))
@@ -520,8 +524,8 @@ class Trainer:
         self._epochs_done = int(metadata.get("epoch", 0))
         self._last_eval_step = -1
         self._pending, self._in_flight = [], None
-        if self.train_input is not None:
-            self.train_input.restored(self.step, self.steps_per_epoch)
+        if self.train_input is not None and not data_restored:
+            self.train_input.seek(self.step)
 
     def close(self) -> None:
         """Finish pending saves and flush metric writers."""
