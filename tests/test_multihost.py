@@ -170,3 +170,10 @@ def test_real_processes_read_disjoint_parts_that_cover_the_split(tmp_path):
     assert len(ids[0]) == len(ids[1]) == 500
     assert not set(ids[0]) & set(ids[1])
     assert set(ids[0]) | set(ids[1]) == set(range(1000))
+
+
+def test_data_axis_over_hosts_with_dcn_data(tmp_path):
+    run = Launch(2, 4, tmp_path, "mesh.data=2", "mesh.fsdp=4", "mesh.dcn_data=2", "training.max_steps=5")
+    assert run.finish() == 0, run.output[-4000:]
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in run.output
+    assert steps(tmp_path)[-1] == 5

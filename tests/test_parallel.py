@@ -29,6 +29,12 @@ def test_impossible_mesh_is_a_clear_error(sizes, message):
         parallel.make_mesh(MeshConfiguration(**sizes))
 
 
+def test_dcn_data_needs_slices_or_hosts_to_split_over():
+    with pytest.raises(ConfigError, match=r"dcn_data=2 .* devices form 1 processes \(hosts\)"):
+        parallel.make_mesh(MeshConfiguration(data=2, fsdp=4, dcn_data=2))
+    assert dict(parallel.make_mesh(MeshConfiguration(data=2, fsdp=4, dcn_data=1)).shape)["data"] == 2
+
+
 def test_batch_not_divisible_by_data_parallel_size():
     mesh = parallel.make_mesh(MeshConfiguration(data=2, fsdp=4))
     with pytest.raises(ConfigError, match="not divisible by the data-parallel size 8"):

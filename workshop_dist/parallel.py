@@ -113,8 +113,20 @@ def make_mesh(config: MeshConfiguration, devices: Sequence[jax.Device] | None = 
     if config.dcn_data > 1:
         from jax.experimental import mesh_utils
 
+        # Granules joined by the data-center network: TPU slices, else hosts (e.g. GPU nodes).
+        slices = {getattr(device, "slice_index", None) for device in devices}
+        by_host = None in slices or len(slices) == 1
+        granules = len({device.process_index for device in devices}) if by_host else len(slices)
+        if granules % config.dcn_data:
+            kind = "processes (hosts)" if by_host else "TPU slices"
+            raise ConfigError(
+                f"mesh.dcn_data={config.dcn_data} splits the data axis over the data-center network, but "
+                f"the devices form {granules} {kind}; set mesh.dcn_data to a divisor of {granules}."
+            )
         ici_shape = (sizes["data"] // config.dcn_data, sizes["fsdp"], sizes["tensor"])
-        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, (config.dcn_data, 1, 1), devices)
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici_shape, (config.dcn_data, 1, 1), devices, process_is_granule=by_host
+        )
         return Mesh(grid, MESH_AXES, axis_types=axis_types)
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
