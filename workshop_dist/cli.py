@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="./workdir", help="Checkpoints, logs and samples go here.")
     parser.add_argument("--restore", metavar="PATH", help="Start from this checkpoint directory (if WORKDIR has none).")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Build everything and compile one step; print parameters, per-device memory and FLOPs; exit.",
+    )
+    parser.add_argument("--plot-schedule", metavar="OUT.png", help="Plot the learning rate over the run and exit.")
     parser.add_argument("--quiet", action="store_true", help="Only warnings and errors.")
     parser.add_argument("--verbose", action="store_true", help="Debug logging.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks for user errors.")
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from workshop_dist import distributed
 
     distributed.initialize(config.distributed)  # before anything else touches the devices
+    enable_compilation_cache(config.training.compilation_cache_dir)
 
     from flax import nnx
 
@@ -87,16 +94,24 @@ def run(args: argparse.Namespace) -> int:
     from workshop_dist.training import Trainer
     from workshop_dist.training.preemption import PreemptionWatcher
 
-    workdir = Path(args.workdir).absolute()
-    logger = Logger(workdir / "logs", level=logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     training = config.training
+    train_input = data.make_train_input(config.data, global_batch_size=training.batch_size, seed=training.seed)
+    if args.plot_schedule:
+        return plot_schedule(training, train_input.steps_per_epoch, Path(args.plot_schedule))
+
+    workdir = Path(args.workdir).absolute()
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logger = Logger(None if args.dry_run else workdir / "logs", level=level)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_size(training.batch_size, mesh)
     logger.info(distributed.topology_summary(mesh, training.batch_size // _process_count()))
 
-    train_input = data.make_train_input(config.data, global_batch_size=training.batch_size, seed=training.seed)
-    val_input = data.make_eval_input(config.data, global_batch_size=training.batch_size)
     model = create_model(config.model, rngs=nnx.Rngs(training.seed))
+    if args.dry_run:
+        trainer = Trainer(model, training, train_input, None, None, logger=logger, mesh=mesh, mesh_config=config.mesh)
+        return dry_run(trainer, next(train_input))
+
+    val_input = data.make_eval_input(config.data, global_batch_size=training.batch_size)
     watcher = PreemptionWatcher().install()
     trainer = Trainer(
         model,
@@ -109,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         mesh_config=config.mesh,
         experiment_config=config.model_dump(mode="json"),
         preemption=watcher,
+        progress_bar=sys.stderr.isatty() and not args.quiet,
     )
     try:
         _resume_or_start(trainer, training, args.restore or training.restore_from, logger)
@@ -128,6 +144,86 @@ def run(args: argparse.Namespace) -> int:
         if final is not None:
             print(f"  samples      {final}")
         print(f"  config       {workdir / 'config.yaml'}")
+    return 0
+
+
+def enable_compilation_cache(directory: str | None) -> None:
+    """JAX's persistent compilation cache: a restarted job reuses its compiled programs.
+
+    A cache directory already given to JAX (``JAX_COMPILATION_CACHE_DIR``) wins.
+    """
+    import jax
+
+    if directory is None or jax.config.jax_compilation_cache_dir:
+        return
+
+    path = Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)  # skip trivial programs
+
+
+def plot_schedule(training, steps_per_epoch: int | None, out: Path) -> int:
+    """The learning rate at every step of the run, as a PNG (like the original visualize_schedule)."""
+    import jax
+    import jax.numpy as jnp
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from workshop_dist.optim import create_schedule
+
+    total = training.total_steps(steps_per_epoch)
+    schedule = create_schedule(training.scheduler, training.optimizer.learning_rate, total)
+    steps = jnp.arange(total + 1)
+    rates = jax.vmap(schedule)(steps)
+    kind = training.scheduler.scheduler_type if training.scheduler else "constant"
+    figure, axes = plt.subplots(figsize=(10, 4))
+    axes.plot(steps, rates)
+    axes.set(xlabel="Step", ylabel="Learning rate", title=f"{kind} schedule ({total} steps)")
+    axes.grid(True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    print(f"Learning-rate schedule over {total} steps written to {out}")
+    return 0
+
+
+def dry_run(trainer, host_batch: dict) -> int:
+    """Compile one training step and report what a real run would need; train nothing."""
+    import time
+    from collections import defaultdict
+
+    import jax
+
+    from workshop_dist import parallel
+
+    batch = parallel.host_batch_to_global(host_batch, trainer.mesh)
+    start = time.perf_counter()
+    compiled = trainer.lower_step(batch).compile()
+    compile_seconds = time.perf_counter() - start
+    per_device: dict[str, defaultdict] = {"state": defaultdict(int), "batch": defaultdict(int)}
+    for name, tree in (("state", trainer.state), ("batch", batch)):
+        for leaf in jax.tree.leaves(tree):
+            for shard in leaf.addressable_shards:
+                per_device[name][shard.device] += shard.data.nbytes
+    parameters = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
+    memory = compiled.memory_analysis()
+    flops = trainer.flops_per_step
+    lines = [
+        f"parameters           {parameters:,}",
+        f"state per device     {max(per_device['state'].values()) / 2**20:.2f} MiB "
+        f"(params, optimizer state, rng, step; {len(jax.tree.leaves(trainer.state))} arrays)",
+        f"batch per device     {max(per_device['batch'].values()) / 2**20:.3f} MiB (global batch {trainer.training_config.batch_size})",
+        f"FLOPs per step       {flops:.4g} (whole mesh, XLA cost analysis)" if flops else "FLOPs per step       unknown",
+        f"compile time         {compile_seconds:.2f} s",
+        f"mesh                 {dict(trainer.mesh.shape)} over {trainer.mesh.devices.size} {jax.devices()[0].device_kind} devices",
+        f"steps                {trainer.total_steps} ({trainer.steps_per_epoch} per epoch)",
+    ]
+    if memory is not None and getattr(memory, "temp_size_in_bytes", None) is not None:
+        lines.insert(3, f"step scratch memory  {memory.temp_size_in_bytes / 2**20:.2f} MiB per device (XLA)")
+    print("Dry run: one step compiled, nothing trained or written.\n" + "\n".join("  " + line for line in lines))
     return 0
 
 

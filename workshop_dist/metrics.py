@@ -25,6 +25,13 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+class _NotFileOnly(logging.Filter):
+    """Keeps records logged with ``extra={"file_only": True}`` off the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
 class Logger:
     """Human-readable run log to stderr and ``log_dir/train.log`` (primary process only)."""
 
@@ -40,7 +47,9 @@ class Logger:
                 handler.close()
         prefix = "" if jax.process_count() == 1 else f"[p{jax.process_index()}] "
         formatter = logging.Formatter(f"%(asctime)s %(levelname).1s {prefix}%(message)s", "%H:%M:%S")
-        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+        console = logging.StreamHandler(sys.stderr)
+        console.addFilter(_NotFileOnly())
+        handlers: list[logging.Handler] = [console]
         if self.log_dir is not None and is_primary():
             self.log_dir.mkdir(parents=True, exist_ok=True)
             handlers.append(logging.FileHandler(self.log_dir / "train.log"))
@@ -55,8 +64,9 @@ class Logger:
     def debug(self, msg: str, *args: Any) -> None:
         self._logger.debug(msg, *args)
 
-    def info(self, msg: str, *args: Any) -> None:
-        self._logger.info(msg, *args)
+    def info(self, msg: str, *args: Any, console: bool = True) -> None:
+        """Log ``msg``; ``console=False`` writes it to train.log only (a progress bar shows it)."""
+        self._logger.info(msg, *args, extra={"file_only": not console})
 
     def warning(self, msg: str, *args: Any) -> None:
         self._logger.warning(msg, *args)
@@ -136,3 +146,31 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = str(value)
     return flat
+
+
+class ProgressBar:
+    """A terminal progress bar: epoch, step/total, loss, examples/s and ETA.
+
+    Updated when metrics are read (every ``log_frequency`` steps), never per step, so it
+    costs the training loop nothing. Log lines are printed above it while it is open.
+    """
+
+    def __init__(self, total: int | None, initial: int = 0):
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger(LOGGER_NAME)])
+        self._redirect.__enter__()
+
+    def update(self, step: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        self._bar.n = step
+        shown = {"epoch": epoch, "loss": f"{metrics.get('loss', float('nan')):.4g}"}
+        if "examples_per_second" in metrics:
+            shown["ex/s"] = f"{metrics['examples_per_second']:.4g}"
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._redirect.__exit__(None, None, None)
+        self._bar.close()

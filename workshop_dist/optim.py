@@ -109,6 +109,11 @@ def create_schedule(
                 "or training.steps_per_epoch / training.max_steps so it can default to the total steps."
             )
         if length <= warmup:
+            if value is None:
+                raise ConfigError(
+                    f"The run has {length} steps, not more than scheduler.warmup_steps ({warmup}): lower "
+                    f"training.scheduler.warmup_steps, train longer, or set scheduler.{field}."
+                )
             raise ConfigError(f"scheduler.{field} ({length}) must exceed scheduler.warmup_steps ({warmup}).")
         return length
 

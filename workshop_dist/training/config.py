@@ -51,12 +51,26 @@ class TrainingConfiguration(StrictConfig):
         description="Split the writing of replicated arrays between their replicas (helps multi-host "
         "data parallelism finish saves sooner, costs the loop more time per save).",
     )
+    profile_steps: tuple[int, int] | None = pydantic.Field(
+        None, description="(first step, number of steps) to trace with jax.profiler into WORKDIR/profile."
+    )
+    compilation_cache_dir: str | None = pydantic.Field(
+        "~/.cache/workshop_dist/jax_compilation_cache",
+        description="JAX's persistent compilation cache (a restarted job skips recompiling); null: off.",
+    )
     max_steps_in_flight: int = pydantic.Field(
         2,
         ge=1,
         description="How many steps the host may run ahead of the device (bounded async dispatch: "
         "the device always has queued work, and XLA:CPU collectives cannot deadlock on a long queue).",
     )
+
+    @pydantic.field_validator("profile_steps")
+    @classmethod
+    def _profile_window(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and (value[0] < 1 or value[1] < 1):
+            raise ValueError(f"profile_steps is (first step >= 1, count >= 1), got {list(value)}")
+        return value
 
     @pydantic.model_validator(mode="after")
     def _one_clip_norm(self) -> TrainingConfiguration:
@@ -66,6 +80,14 @@ class TrainingConfiguration(StrictConfig):
                 f"gradient_clip_norm is {mine} here but optimizer.gradient_clip_norm is {theirs}; set only one"
             )
         return self
+
+    def total_steps(self, steps_per_epoch: int | None) -> int | None:
+        """The run's length in steps: epochs x steps per epoch, capped by max_steps."""
+        steps_per_epoch = self.steps_per_epoch or steps_per_epoch
+        if steps_per_epoch is None:
+            return self.max_steps
+        total = self.num_epochs * steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
 
     def effective_optimizer(self) -> OptimizerConfiguration:
         """The optimizer config with ``training.gradient_clip_norm`` folded in."""

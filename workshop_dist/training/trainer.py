@@ -20,9 +20,9 @@ import numpy as np
 from flax import nnx
 
 from workshop_dist import checkpoint as ckpt
-from workshop_dist import parallel, samples
+from workshop_dist import hardware, parallel, samples
 from workshop_dist.config import WorkshopError
-from workshop_dist.metrics import Logger, MetricsLogger, is_primary
+from workshop_dist.metrics import Logger, MetricsLogger, ProgressBar, is_primary
 from workshop_dist.optim import create_optimizer, create_schedule
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.training import inputs
@@ -70,7 +70,7 @@ class Trainer:
         mesh: jax.sharding.Mesh | None = None,
         experiment_config: Mapping[str, Any] | None = None,
         preemption: PreemptionWatcher | None = None,
-        async_checkpointing: bool = True,
+        progress_bar: bool = False,
     ):
         self.training_config = config = training_config
         self.workdir = Path(workdir) if workdir is not None else None
@@ -81,6 +81,10 @@ class Trainer:
         self.metrics_logger = metrics_logger or (
             MetricsLogger(self.workdir / "logs") if self.workdir else MetricsLogger("", enabled=False)
         )
+        if self.experiment_config is not None:
+            self.metrics_logger.log_hparams(self.experiment_config)
+        self.progress_bar = progress_bar
+        self._bar: ProgressBar | None = None
 
         # --- Mesh ------------------------------------------------------------------------
         self.mesh_config = mesh_config or MeshConfiguration()
@@ -92,7 +96,7 @@ class Trainer:
         self.train_input = inputs.as_train_input(train_data_loader, config, self.per_process_batch_size)
         self.val_data_loader = val_data_loader
         self.steps_per_epoch = config.steps_per_epoch or (self.train_input.steps_per_epoch if self.train_input else None)
-        self.total_steps = self._total_steps()
+        self.total_steps = config.total_steps(self.steps_per_epoch)
 
         # --- Optimizer and schedule ----------------------------------------------------
         self.schedule = create_schedule(config.scheduler, config.optimizer.learning_rate, self.total_steps)
@@ -137,6 +141,11 @@ class Trainer:
         )
         self._loop_step = None  # the loop's leaner form of the same step, built at the first batch
         self.metric_names: list[str] = []
+        self.flops_per_step: float | None = None  # XLA's count for one step of the whole mesh
+        self._peak_flops = hardware.peak_flops(self.mesh.devices.flat[0])
+        profile = config.profile_steps
+        self._profile_marks = (profile[0], profile[0] + profile[1]) if profile and self.workdir else (-1, -1)
+        self._created: float | None = time.perf_counter()  # until the first step of this process is done
         self.validate_step_fn = jax.jit(
             make_eval_step(self.graphdef),
             in_shardings=(self.state_shardings, batch_sharding, replicated),
@@ -197,13 +206,6 @@ class Trainer:
             )
         return self._checkpoints
 
-    def _total_steps(self) -> int | None:
-        config = self.training_config
-        if self.steps_per_epoch is None:
-            return config.max_steps
-        total = config.num_epochs * self.steps_per_epoch
-        return min(total, config.max_steps) if config.max_steps else total
-
     # ------------------------------------------------------------------------------------
     # Training loop
     # ------------------------------------------------------------------------------------
@@ -259,6 +261,10 @@ class Trainer:
                 self.step += 1
                 self._pending.append(metrics)
                 self._bound_queue(metrics)
+                if self._created is not None:
+                    self._report_first_step(metrics)
+                if self.step in self._profile_marks:
+                    self._profile(metrics)
                 if self._in_flight is not None:  # read the previous interval while this step runs
                     self._write_interval()
                 if self.step % config.log_frequency == 0:
@@ -306,6 +312,32 @@ class Trainer:
             out_shardings=(carry, parallel.replicated(self.mesh)),
             donate_argnums=0,
         )
+        cost = self._loop_step.lower(self._carry(), self.state.rng, batch).cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        self.flops_per_step = float(cost["flops"]) if cost and cost.get("flops") else None
+
+    def lower_step(self, batch: dict[str, jax.Array]) -> jax.stages.Lowered:
+        """The training step lowered for ``batch``'s shapes (e.g. to compile and inspect it)."""
+        if self._loop_step is None:
+            self._build_loop_step(batch)
+        return self._loop_step.lower(self._carry(), self.state.rng, batch)
+
+    def _report_first_step(self, marker: jax.Array) -> None:
+        """Once per process: how long start-up took (compilation included), waiting for that step only."""
+        marker.block_until_ready()
+        self.logger.info("First step done (step %d), %.1f s after the trainer was created.", self.step, time.perf_counter() - self._created)
+        self._created = None
+
+    def _profile(self, marker: jax.Array) -> None:
+        """Start or stop the jax.profiler trace of ``training.profile_steps``."""
+        if self.step == self._profile_marks[0]:
+            marker.block_until_ready()  # the trace starts at a step boundary
+            jax.profiler.start_trace(str(self.workdir / "profile"))
+            self.logger.info("Profiling steps %d-%d into %s", self.step + 1, self._profile_marks[1], self.workdir / "profile")
+        else:
+            marker.block_until_ready()
+            jax.profiler.stop_trace()
+            self.logger.info("Profile written to %s (open with TensorBoard's profile plugin or XProf)", self.workdir / "profile")
 
     def _bound_queue(self, marker: jax.Array) -> None:
         """Wait for the step ``max_steps_in_flight`` back to finish (not the one just queued)."""
@@ -349,6 +381,8 @@ class Trainer:
         elapsed = max(now - start_time, 1e-9)
         summary["step_time"] = elapsed / max(step - start_step, 1)
         summary["examples_per_second"] = (step - start_step) * self.training_config.batch_size / elapsed
+        if self.flops_per_step and self._peak_flops:
+            summary["mfu"] = self.flops_per_step / summary["step_time"] / (self._peak_flops * self.mesh.devices.size)
         self._interval_start = (step, now)
         self._log(step, summary, "train")
 
@@ -379,7 +413,12 @@ class Trainer:
         if self.log_callback is not None:
             self.log_callback(step, metrics, prefix)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "learning_rate", "examples_per_second"))
-        self.logger.info("%s step %d: %s", prefix, step, shown)
+        on_bar = prefix == "train" and self.progress_bar and is_primary()
+        if on_bar:
+            if self._bar is None:
+                self._bar = ProgressBar(self.total_steps, initial=step)
+            self._bar.update(step, self.epoch, metrics)
+        self.logger.info("%s step %d: %s", prefix, step, shown, console=not on_bar)
 
     # ------------------------------------------------------------------------------------
     # Evaluation and samples
@@ -530,6 +569,9 @@ class Trainer:
     def close(self) -> None:
         """Finish pending saves and flush metric writers."""
         self._flush_metrics()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self._checkpoints is not None:
             self._checkpoints.close()
         self.metrics_logger.close()
