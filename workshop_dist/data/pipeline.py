@@ -1,19 +1,18 @@
 """The Grain input pipeline: host-local numpy batches for training and evaluation.
 
-Training, per process (all Grain ``MapDataset`` steps, so every element has an index and
-the iterator state is a position)::
+Training, per process: a Grain ``MapDataset`` whose element ``b`` is this process's rows
+of global batch ``b`` (:class:`~workshop_dist.data.batches.GlobalBatches`)::
 
-    source -> shuffle (one global permutation per epoch, the same on every process)
-           -> first steps_per_epoch * global_batch of each epoch -> repeat forever
-           -> decode, standardize -> random flip -> this process's rows of each global batch
-           -> batch -> prefetch (thread or workers)
+    epoch e = b // steps_per_epoch: one global permutation (the same on every process)
+    -> positions of global batch b -> this process's rows -> read (decode) -> standardize
+    -> random flip (drawn per global position) -> prefetch (a thread, or worker processes)
 
 Each epoch is exactly ``steps_per_epoch = num_examples // global_batch_size`` global
 batches built from that epoch's permutation only (clean boundaries); the examples left over
 differ from epoch to epoch. A global batch holds the same examples in the same order for
-any number of processes (each process reads only its rows), so a run gives the same
-result on 1 host x 8 devices as on 2 hosts x 4, and the pipeline's position is a function
-of the step alone (:meth:`TrainInput.seek`). Worker processes each build every ``worker_count``-th batch and
+any number of processes, so a run gives the same result on 1 host x 8 devices as on
+2 hosts x 4, and the pipeline's position is a function of the step alone
+(:meth:`TrainInput.seek`). Worker processes each build every ``worker_count``-th batch and
 Grain interleaves them back in order, so the batches do not depend on ``worker_count``.
 
 Evaluation: the split in global batches (the last padded with masked zero examples), each
@@ -24,8 +23,7 @@ The host -> device step is not here: the trainer calls ``parallel.host_batch_to_
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grain
@@ -34,10 +32,11 @@ import numpy as np
 
 from workshop_dist.config import ConfigError
 from workshop_dist.data.arrays import as_example_dict, eval_num_batches, process_padded_batches
+from workshop_dist.data.batches import Batch, EvalBatches, ExampleReader, GlobalBatches
 from workshop_dist.data.config import DataConfiguration
-from workshop_dist.data.inputs import Batch, EvalInput, TrainInput
+from workshop_dist.data.inputs import EvalInput, TrainInput
 from workshop_dist.data.sources import ArraySource, Source, open_source
-from workshop_dist.data.transforms import AddMask, EpochShuffle, ProcessRows, RandomFlip, Standardize
+from workshop_dist.data.transforms import Standardize
 
 # ----------------------------------------------------------------------------- public factories
 
@@ -54,13 +53,9 @@ def make_train_input(
 
     ``process_index`` / ``process_count`` default to JAX's; tests pass them to simulate hosts.
     """
-    source = open_source(config, config.train_split)
-    examples = _source_dataset(source)
-    standardize = _standardize(config, source, examples)
-    if config.cache:
-        examples, standardize = _cached(examples.map(standardize)), None
+    reader, standardize = _open(config, config.train_split)
     return _train_input(
-        examples,
+        reader,
         standardize,
         global_batch_size=global_batch_size,
         seed=seed,
@@ -81,17 +76,21 @@ def make_eval_input(
     process_count: int | None = None,
 ) -> EvalInput:
     """Padded, masked full passes over ``split`` (default ``config.eval_split``)."""
-    source = open_source(config, split or config.eval_split)
-    examples = _source_dataset(source)
-    transforms = [_standardize(config, source, examples), AddMask()]
-    if config.cache:
-        examples, transforms = _cached(examples.map(transforms[0])), transforms[1:]
-    return _grain_eval_input(
-        examples,
-        transforms,
+    reader, standardize = _open(config, split or config.eval_split)
+    if len(reader) == 0:
+        raise ConfigError("The evaluation split is empty.")
+    index, count = _process(process_index, process_count)
+    batches = EvalBatches(
+        reader, global_batch_size=global_batch_size, rows=process_rows(global_batch_size, index, count), transform=standardize
+    )
+    read_options = _read_options(config.prefetch)
+    return EvalInput(
+        lambda: iter(batches.to_iter_dataset(read_options)),
+        num_examples=len(reader),
+        num_batches=len(batches),
         global_batch_size=global_batch_size,
-        prefetch=config.prefetch,
-        process=_process(process_index, process_count),
+        local_batch_size=local_batch_size(global_batch_size, count),
+        first_batch=lambda: batches[0],
     )
 
 
@@ -111,10 +110,9 @@ def array_train_input(
     Same epochs, sharding, shuffling and state as :func:`make_train_input`. The arrays
     are used as given (no normalization), except float64 becomes float32.
     """
-    source = ArraySource(_in_memory(examples))
     return _train_input(
-        grain.MapDataset.source(source),
-        None,
+        ExampleReader(ArraySource(_in_memory(examples))),
+        _identity,
         global_batch_size=global_batch_size,
         seed=seed,
         shuffle=shuffle,
@@ -171,10 +169,9 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def derive_seed(seed: int, *path: int) -> int:
-    """A 32-bit seed for one random step of one process: a hash of ``(seed, *path)``.
+    """A 32-bit seed for one random stream of the pipeline: a hash of ``(seed, *path)``.
 
-    Shuffles and flips of different processes, and of seeds ``s`` and ``s + 1``, are then
-    unrelated (Grain's own shuffle reseeds epochs with ``seed + epoch``: those would overlap).
+    Shuffles and flips, and the streams of seeds ``s`` and ``s + 1``, are then unrelated.
     """
     if seed < 0:
         raise ConfigError(f"The data seed must be non-negative, got {seed}.")
@@ -195,8 +192,8 @@ def process_rows(global_batch_size: int, process_index: int, process_count: int)
 
 
 def _train_input(
-    examples: grain.MapDataset,
-    standardize: grain.transforms.Map | None,
+    reader: ExampleReader,
+    standardize: Any,
     *,
     global_batch_size: int,
     seed: int,
@@ -207,7 +204,7 @@ def _train_input(
     process: tuple[int, int],
 ) -> TrainInput:
     index, count = process
-    num_examples = len(examples)
+    num_examples = len(reader)
     local = local_batch_size(global_batch_size, count)
     steps_per_epoch = num_examples // global_batch_size
     if steps_per_epoch == 0:
@@ -215,21 +212,15 @@ def _train_input(
             f"The training split has {num_examples} examples, fewer than one global batch of "
             f"{global_batch_size}; use a smaller batch size or more data."
         )
-    # Every process builds the same global stream (one permutation per epoch, flips drawn at
-    # each example's global index) and reads only its rows of each global batch, so the
-    # batches do not depend on the number of processes.
-    ds = examples
-    if shuffle:
-        ds = EpochShuffle(ds, seed=derive_seed(seed, _SHUFFLE))
-    # Slicing after the shuffle keeps epoch e's permutation for epoch e (Grain's slice maps
-    # index e * len + i to epoch e of its parent).
-    ds = ds[: steps_per_epoch * global_batch_size].repeat()
-    if standardize is not None:
-        ds = ds.map(standardize)
-    if random_flip:
-        ds = ds.random_map(RandomFlip(), seed=derive_seed(seed, _FLIP))
-    ds = ProcessRows(ds, global_batch_size=global_batch_size, rows=process_rows(global_batch_size, index, count))
-    batches = ds.batch(local, drop_remainder=True)
+    batches = GlobalBatches(
+        reader,
+        global_batch_size=global_batch_size,
+        rows=process_rows(global_batch_size, index, count),
+        steps_per_epoch=steps_per_epoch,
+        transform=standardize,
+        shuffle_seed=derive_seed(seed, _SHUFFLE) if shuffle else None,
+        flip_seed=derive_seed(seed, _FLIP) if random_flip else None,
+    )
     iter_ds = batches.to_iter_dataset(_read_options(prefetch))
     if worker_count:
         iter_ds = iter_ds.mp_prefetch(
@@ -246,70 +237,30 @@ def _train_input(
     )
 
 
-def _grain_eval_input(
-    examples: grain.MapDataset,
-    transforms: Sequence[grain.transforms.Map],
-    *,
-    global_batch_size: int,
-    prefetch: int,
-    process: tuple[int, int],
-) -> EvalInput:
-    """The split in global batches, the last padded with masked zero examples; each process
-    reads its rows of every global batch (like training)."""
-    index, count = process
-    num_examples = len(examples)
-    if num_examples == 0:
-        raise ConfigError("The evaluation split is empty.")
-    local = local_batch_size(global_batch_size, count)
-    num_batches = eval_num_batches(num_examples, global_batch_size)
-    ds = _apply(examples, transforms)
-    padding_count = num_batches * global_batch_size - num_examples
-    if padding_count:
-        padding = grain.MapDataset.source(_Padding(_zeros_like(ds[0]), padding_count))
-        ds = grain.MapDataset.concatenate([ds, padding])
-    ds = ProcessRows(ds, global_batch_size=global_batch_size, rows=process_rows(global_batch_size, index, count))
-    batches = ds.batch(local)
-    read_options = _read_options(prefetch)
-    return EvalInput(
-        lambda: iter(batches.to_iter_dataset(read_options)),
-        num_examples=num_examples,
-        num_batches=num_batches,
-        global_batch_size=global_batch_size,
-        local_batch_size=local,
-        first_batch=lambda: batches[0],
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Padding:
-    """``length`` copies of a fully masked zero example (a Grain random-access source)."""
-
-    example: dict[str, np.ndarray]
-    length: int
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return self.example
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
-def _source_dataset(source: Source) -> grain.MapDataset:
-    ds = grain.MapDataset.source(source.data)
-    return ds.map(source.decode) if source.decode is not None else ds
+def _open(config: DataConfiguration, split: str) -> tuple[ExampleReader, Standardize]:
+    """The split's reader (in memory with ``data.cache``) and its batch standardization."""
+    source = open_source(config, split)
+    reader = ExampleReader(source.data, source.decode)
+    if len(reader) and config.cache:
+        reader = ExampleReader(ArraySource(reader.read_all()))
+    return reader, _standardize(config, source, reader)
 
 
-def _standardize(config: DataConfiguration, source: Source, examples: grain.MapDataset) -> Standardize:
+def _standardize(config: DataConfiguration, source: Source, reader: ExampleReader) -> Standardize:
     max_level = source.max_level
     if max_level is None:
-        if len(examples) == 0:
+        if len(reader) == 0:
             raise ConfigError(f"The data source {source.name} has no examples.")
-        max_level = _dtype_max_level(examples[0], config.image_key)
+        max_level = _dtype_max_level(reader.read(np.arange(1)), config.image_key)
     return Standardize(
-        image_key=config.image_key, normalize=config.normalize, binarize=config.binarize, max_level=max_level
+        image_key=config.image_key,
+        normalize=config.normalize,
+        binarize=config.binarize,
+        max_level=max_level,
+        batched=True,
     )
 
 
@@ -327,25 +278,8 @@ def _dtype_max_level(example: Mapping[str, Any], image_key: str) -> float:
     return 1.0
 
 
-def _cached(examples: grain.MapDataset) -> grain.MapDataset:
-    """All of ``examples`` read once and held as arrays (``data.cache``)."""
-    if len(examples) == 0:
-        return examples
-    elements = [examples[i] for i in range(len(examples))]
-    arrays = {key: np.stack([element[key] for element in elements]) for key in elements[0]}
-    return grain.MapDataset.source(ArraySource(arrays))
-
-
-def _apply(ds: grain.MapDataset, transforms: Sequence[grain.transforms.Map]) -> grain.MapDataset:
-    for transform in transforms:
-        ds = ds.map(transform)
-    return ds
-
-
-def _zeros_like(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    zeros = {key: np.zeros_like(np.asarray(value)) for key, value in example.items()}
-    zeros["mask"] = np.float32(0.0)
-    return zeros
+def _identity(batch: Batch) -> Batch:
+    return batch
 
 
 def _in_memory(examples: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -72,6 +72,11 @@ class ArraySource:
     def __len__(self) -> int:
         return self._length
 
+    @property
+    def arrays(self) -> Mapping[str, np.ndarray]:
+        """The examples as arrays: batch readers gather from them directly."""
+        return self._examples
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {key: value[index] for key, value in self._examples.items()}
 

@@ -146,6 +146,8 @@ class Trainer:
         profile = config.profile_steps
         self._profile_marks = (profile[0], profile[0] + profile[1]) if profile and self.workdir else (-1, -1)
         self._created: float | None = time.perf_counter()  # until the first step of this process is done
+        self._data_seconds = 0.0  # time the loop waited for the input pipeline, this log interval
+        self._device_seconds = 0.0  # time the loop waited for the device (steps queued ahead of it)
         self.validate_step_fn = jax.jit(
             make_eval_step(self.graphdef),
             in_shardings=(self.state_shardings, batch_sharding, replicated),
@@ -343,7 +345,9 @@ class Trainer:
         """Wait for the step ``max_steps_in_flight`` back to finish (not the one just queued)."""
         self._queued.append(marker)
         if len(self._queued) > self.training_config.max_steps_in_flight:
+            wait_start = time.perf_counter()
             self._queued.popleft().block_until_ready()
+            self._device_seconds += time.perf_counter() - wait_start  # the device had work queued
 
     def _epoch_batches(self) -> Iterator[dict[str, jax.Array]]:
         """This epoch's batches, placed on the mesh (a resumed epoch yields only its remainder)."""
@@ -351,7 +355,13 @@ class Trainer:
             raise WorkshopError("No training data: pass train_data_loader to the Trainer.")
         done = self.step % self.steps_per_epoch if self.steps_per_epoch else 0
         remaining = self.steps_per_epoch - done if self.steps_per_epoch else None
-        for host_batch in self.train_input.epoch(remaining, skip=done):
+        host_batches = self.train_input.epoch(remaining, skip=done)
+        while True:
+            wait_start = time.perf_counter()
+            host_batch = next(host_batches, None)
+            self._data_seconds += time.perf_counter() - wait_start  # blocked on the input pipeline
+            if host_batch is None:
+                return
             yield parallel.host_batch_to_global(host_batch, self.mesh)
 
     # ------------------------------------------------------------------------------------
@@ -381,6 +391,9 @@ class Trainer:
         elapsed = max(now - start_time, 1e-9)
         summary["step_time"] = elapsed / max(step - start_step, 1)
         summary["examples_per_second"] = (step - start_step) * self.training_config.batch_size / elapsed
+        summary["data_wait_time"] = self._data_seconds / max(step - start_step, 1)  # per step
+        summary["device_wait_time"] = self._device_seconds / max(step - start_step, 1)
+        self._data_seconds = self._device_seconds = 0.0
         if self.flops_per_step and self._peak_flops:
             summary["mfu"] = self.flops_per_step / summary["step_time"] / (self._peak_flops * self.mesh.devices.size)
         self._interval_start = (step, now)
