@@ -10,10 +10,11 @@ against the step time with no save in flight. Target: async blocked <= 10% of a 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
+
+from common import digits_images, use_cpu_devices
 
 
 def parse_args() -> argparse.Namespace:
@@ -27,19 +28,13 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.devices:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    use_cpu_devices(args.devices)
     import jax
-
-    if args.devices:
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    import numpy as np
     from flax import nnx
 
     from workshop_dist import ModelConfiguration, Trainer, TrainingConfiguration, create_model, parallel
-    from workshop_dist.data.digits import load_digits_split
 
-    images = load_digits_split("train")["image"].astype(np.float32) / 16.0
+    images = digits_images()
     mesh_config = parallel.MeshConfiguration(data=2, fsdp=4) if jax.device_count() % 8 == 0 else parallel.MeshConfiguration()
     results = {}
     for mode in ("sync", "async"):

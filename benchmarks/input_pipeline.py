@@ -15,9 +15,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
+
+from common import use_cpu_devices
 
 
 def measure_pipeline(config, global_batch_size: int, num_batches: int, worker_count: int) -> float:
@@ -67,11 +68,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="Epochs timed for the trainer.")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="Worker counts to compare.")
     args = parser.parse_args()
-    if args.devices:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        import jax
-
-        jax.config.update("jax_num_cpu_devices", args.devices)
+    use_cpu_devices(args.devices)
     import jax
 
     from workshop_dist.cli import load_config

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import statistics
 import sys
 import time
+
+from common import digits_images, use_cpu_devices
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,18 +49,13 @@ MODELS = {
 
 def main() -> None:
     args = parse_args()
-    if args.devices:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    use_cpu_devices(args.devices)
     import jax
-
-    if args.devices:
-        jax.config.update("jax_num_cpu_devices", args.devices)
     import numpy as np
 
     from workshop_dist import parallel
-    from workshop_dist.data.digits import load_digits_split
 
-    images = load_digits_split("train")["image"].astype(np.float32) / 16.0
+    images = digits_images()
     rng = np.random.default_rng(0)
     batches = [{"image": images[rng.choice(len(images), args.batch_size)]} for _ in range(args.steps)]
     mesh_config = parallel.MeshConfiguration(data=-1, fsdp=args.fsdp)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from workshop_dist.data import DataConfiguration, array_eval_input, digits, make_eval_input
-from workshop_dist.data.arrays import padded_batches, process_padded_batches
+from workshop_dist.data.arrays import process_padded_batches
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +95,8 @@ def test_array_eval_input_covers_every_example_once(process_count):
     assert list(inputs[0]) and len(list(inputs[0])) == len(passes[0])  # re-iterable
 
 
-def test_padded_batches_helpers():
+def test_process_padded_batches_take_rows_of_global_batches():
     examples = {"x": np.arange(5)}
-    batches = list(padded_batches(examples, 2, num_batches=4))
-    assert [b["mask"].tolist() for b in batches] == [[1, 1], [1, 1], [1, 0], [0, 0]]
-    assert batches[-1]["x"].tolist() == [0, 0]
     parts = [
         list(process_padded_batches(examples, global_batch_size=4, process_index=i, process_count=2))
         for i in range(2)

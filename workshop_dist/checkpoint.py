@@ -304,17 +304,6 @@ def load_checkpoint_dir(
         checkpointer.close()
 
 
-def read_json_item(path: str | Path, item: str = CONFIG) -> dict | None:
-    """The JSON ``config``/``metadata`` item of a checkpoint directory, or None if absent."""
-    checkpointer = _checkpointer()
-    try:
-        return checkpointer.restore(Path(path).absolute(), args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
-    except Exception:
-        return None
-    finally:
-        checkpointer.close()
-
-
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

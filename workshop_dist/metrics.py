@@ -58,9 +58,6 @@ class Logger:
             handler._workshop_dist = True  # type: ignore[attr-defined]
             self._logger.addHandler(handler)
 
-    def set_level(self, level: int) -> None:
-        self._logger.setLevel(level if is_primary() else max(level, logging.WARNING))
-
     def debug(self, msg: str, *args: Any) -> None:
         self._logger.debug(msg, *args)
 

@@ -61,34 +61,6 @@ def process_padded_batches(
         yield batch
 
 
-def padded_batches(examples: Batch, batch_size: int, *, num_batches: int | None = None) -> Iterator[Batch]:
-    """Yield batches of exactly ``batch_size``; the last one is zero-padded.
-
-    Each batch carries ``mask`` (float32, 1 for real examples, 0 for padding) so a
-    full pass counts every example exactly once. With ``num_batches``, fully masked
-    zero batches follow until there are that many.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    num = len(next(iter(examples.values())))
-    count = 0
-    for start in range(0, num, batch_size):
-        stop = min(start + batch_size, num)
-        batch = {key: pad_to(value[start:stop], batch_size) for key, value in examples.items()}
-        mask = np.zeros(batch_size, np.float32)
-        mask[: stop - start] = 1.0
-        batch["mask"] = mask
-        count += 1
-        yield batch
-    while num_batches is not None and count < num_batches:
-        batch = {
-            key: np.zeros((batch_size, *value.shape[1:]), value.dtype) for key, value in examples.items()
-        }
-        batch["mask"] = np.zeros(batch_size, np.float32)
-        count += 1
-        yield batch
-
-
 def pad_to(array: np.ndarray, size: int) -> np.ndarray:
     """Zero-pad the leading axis of ``array`` up to ``size``."""
     missing = size - len(array)
