@@ -135,6 +135,15 @@ def test_the_users_module_still_works_after_training():
     )  # the trainer's copy trained
 
 
+def test_trainer_model_is_a_copy_that_outlives_training():
+    trainer = make_trainer(steps_per_epoch=2, num_epochs=2)
+    trainer.train_epoch()
+    snapshot = trainer.model
+    trainer.train_epoch()  # donates the state's buffers
+    assert snapshot.sample(jax.random.PRNGKey(0), 2).shape == (2, 8, 8, 1)
+    assert not np.array_equal(jax.device_get(snapshot.output.bias[...]), jax.device_get(trainer.state.params["output"]["bias"]))
+
+
 def test_training_state_supports_dict_access():
     state = make_trainer().state
     assert int(state["step"]) == 0

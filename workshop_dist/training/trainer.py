@@ -143,11 +143,6 @@ class Trainer:
         self.metric_names: list[str] = []
         self.flops_per_step: float | None = None  # XLA's count for one step of the whole mesh
         self._peak_flops = hardware.peak_flops(self.mesh.devices.flat[0])
-        profile = config.profile_steps
-        self._profile_marks = (profile[0], profile[0] + profile[1]) if profile and self.workdir else (-1, -1)
-        self._created: float | None = time.perf_counter()  # until the first step of this process is done
-        self._data_seconds = 0.0  # time the loop waited for the input pipeline, this log interval
-        self._device_seconds = 0.0  # time the loop waited for the device (steps queued ahead of it)
         self.validate_step_fn = jax.jit(
             make_eval_step(self.graphdef),
             in_shardings=(self.state_shardings, batch_sharding, replicated),
@@ -165,8 +160,13 @@ class Trainer:
         self._epochs_done = 0  # counts epochs when their length is unknown
         self._pending: list[jax.Array] = []  # per-step metric vectors not yet read
         self._queued: collections.deque[jax.Array] = collections.deque()  # one small output per queued step
-        self._in_flight: tuple[int, dict[str, jax.Array], int] | None = None
+        self._in_flight: tuple[int, jax.Array, int] | None = None  # (step, stacked metrics, count) being read
         self._interval_start = (0, time.perf_counter())
+        self._data_seconds = 0.0  # time the loop waited for the input pipeline, this log interval
+        self._device_seconds = 0.0  # time the loop waited for the device (steps queued ahead of it)
+        self._created: float | None = time.perf_counter()  # until the first step of this process is done
+        profile = config.profile_steps
+        self._profile_marks = (profile[0], profile[0] + profile[1]) if profile and self.workdir else (-1, -1)
         self._last_eval_step = -1
         self._checkpoints: ckpt.CheckpointManager | None = None
         self.checkpoint_dir = (
@@ -184,8 +184,12 @@ class Trainer:
 
     @property
     def model(self) -> nnx.Module:
-        """A fresh module holding the current parameters (e.g. for custom inference)."""
-        return nnx.merge(self.graphdef, self.state.params, self.state.model_state)
+        """A new module with a copy of the current parameters (e.g. for custom inference).
+
+        A copy, because the training step donates (deletes) the state's own buffers.
+        """
+        state = jax.tree.map(jnp.copy, (self.state.params, self.state.model_state))
+        return nnx.merge(self.graphdef, *state)
 
     @property
     def train_step(self) -> Callable:
