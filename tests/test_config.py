@@ -81,6 +81,10 @@ def full_config() -> ExperimentConfiguration:
             resume=False,
             restore_from="/tmp/other_run",
             async_checkpointing=False,
+            replica_parallel_checkpoints=True,
+            profile_steps=(10, 5),
+            compilation_cache_dir="/tmp/jax_cache",
+            max_steps_in_flight=3,
         ),
         data=DataConfiguration(
             source="tfds:mnist",
