@@ -1,8 +1,18 @@
-"""Small shared pieces for tests: the digits arrays and tiny configs."""
+"""Small shared pieces for tests: data, tiny configs and models, subprocesses, checkpoint reading."""
 
 from __future__ import annotations
 
+import subprocess
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
 
 from workshop_dist.data.digits import load_digits_split
 from workshop_dist.models import ModelConfiguration
@@ -15,10 +25,6 @@ def digits_images(split: str = "train") -> np.ndarray:
 
 def tiny_model_config(**overrides) -> ModelConfiguration:
     return ModelConfiguration(**{"hidden_dims": [64, 32], "output_dim": 8, **overrides})
-
-
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
 
 class QuadraticModel(nnx.Module):
@@ -35,3 +41,46 @@ class QuadraticModel(nnx.Module):
 
     def sample(self, rng, num_samples):
         return jnp.broadcast_to(self.w[...], (num_samples, *self.shape))
+
+
+class StreamedProcess:
+    """A subprocess whose combined output is collected line by line while it runs."""
+
+    def __init__(self, command: list[str], *, env: dict[str, str], cwd: Path):
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+
+    def wait_for(self, text: str, timeout: float = 240) -> None:
+        """Until a line contains ``text``; fails if the process ends or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in list(self.lines)):
+            assert self.proc.poll() is None, f"exited before '{text}':\n{self.output[-4000:]}"
+            assert time.monotonic() < deadline, f"no '{text}' within {timeout}s:\n{self.output[-4000:]}"
+            time.sleep(0.01)
+
+    def finish(self, timeout: float = 400) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def checkpoint_arrays(step_dir: Path) -> dict[str, np.ndarray]:
+    """Every array of a checkpoint's training state as host numpy, by path, whatever devices wrote it."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(step_dir / "state").item_metadata
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tree = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }

@@ -10,16 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import warnings
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from tests.helpers import StreamedProcess, checkpoint_arrays
 from workshop_dist.training.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,56 +27,25 @@ RUN = ["training.max_steps=14", "training.save_frequency=7", "training.log_frequ
 RTOL, ATOL = 1e-4, 1e-6
 
 
-class Launch:
+class Launch(StreamedProcess):
     """``workshop-launch local`` in a subprocess, its prefixed output collected line by line."""
 
     def __init__(self, processes: int, devices: int, workdir: Path, *extra: str):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workshop_dist.launcher", "local", "--processes", str(processes),
-             "--devices-per-process", str(devices), "--grace-seconds", "20",
-             "--", "--workdir", str(workdir), *RUN, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self._reader.start()
-
-    def wait_for(self, text: str, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in list(self.lines)):
-            assert self.proc.poll() is None, f"exited before '{text}':\n{self.output[-4000:]}"
-            assert time.monotonic() < deadline, f"no '{text}' in {timeout}s:\n{self.output[-4000:]}"
-            time.sleep(0.02)
-
-    def finish(self, timeout: float = 400) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        return code
+        command = [
+            sys.executable, "-m", "workshop_dist.launcher", "local", "--processes", str(processes),
+            "--devices-per-process", str(devices), "--grace-seconds", "20", "--", "--workdir", str(workdir), *RUN, *extra,
+        ]
+        super().__init__(command, env=env, cwd=REPO)
 
     def children(self) -> list[int]:
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         return [int(pid) for pid in path.read_text().split()]
 
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
 
 def steps(workdir: Path) -> list[int]:
     root = workdir / "checkpoints"
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
-
-
-def state_arrays(step_dir: Path) -> dict[str, np.ndarray]:
-    """Every array of a checkpoint's state as host numpy, whatever devices wrote it."""
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(step_dir / "state").item_metadata
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        tree = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-    return {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def assert_close(a: dict, b: dict) -> None:
@@ -104,7 +70,7 @@ def two_by_four(tmp_path_factory) -> Path:
 def test_two_processes_match_one_process_with_eight_devices(two_by_four, tmp_path):
     run = Launch(1, 8, tmp_path)
     assert run.finish() == 0, run.output[-4000:]
-    assert_close(state_arrays(tmp_path / "checkpoints" / str(STEPS)), state_arrays(two_by_four / "checkpoints" / str(STEPS)))
+    assert_close(checkpoint_arrays(tmp_path / "checkpoints" / str(STEPS)), checkpoint_arrays(two_by_four / "checkpoints" / str(STEPS)))
 
 
 @pytest.mark.parametrize("devices", [8, 1])
@@ -114,7 +80,7 @@ def test_a_two_process_checkpoint_continues_on_one_process(two_by_four, tmp_path
     assert "Started from checkpoint" in run.output
     # Same model and data position: the 7 steps after it match the 2-process run's.
     tolerance = {} if devices == 8 else {"rtol": 1e-3, "atol": 1e-5}  # one device sums in yet another order
-    a, b = state_arrays(tmp_path / "checkpoints" / str(STEPS)), state_arrays(two_by_four / "checkpoints" / str(STEPS))
+    a, b = checkpoint_arrays(tmp_path / "checkpoints" / str(STEPS)), checkpoint_arrays(two_by_four / "checkpoints" / str(STEPS))
     for name in a:
         np.testing.assert_allclose(a[name], b[name], **{"rtol": RTOL, "atol": ATOL, **tolerance}, err_msg=name)
 
@@ -135,7 +101,7 @@ def test_sigterm_to_the_launcher_saves_the_same_step_everywhere_and_resumes(two_
     again = Launch(2, 4, tmp_path)
     assert again.finish() == 0, again.output[-4000:]
     assert f"Resumed from {tmp_path / 'checkpoints'}/{saved}" in again.output
-    assert_close(state_arrays(tmp_path / "checkpoints" / str(STEPS)), state_arrays(two_by_four / "checkpoints" / str(STEPS)))
+    assert_close(checkpoint_arrays(tmp_path / "checkpoints" / str(STEPS)), checkpoint_arrays(two_by_four / "checkpoints" / str(STEPS)))
 
 
 def test_killing_one_process_stops_the_other_quickly_and_the_job_resumes(tmp_path):

@@ -8,18 +8,14 @@ exactly the same checkpoint, array for array, as a run that was never interrupte
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
-import warnings
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from tests.helpers import StreamedProcess, checkpoint_arrays
 from workshop_dist.training.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,43 +32,12 @@ RUN = [
 ]
 
 
-class Run:
-    """``workshop-train`` in a subprocess whose stderr is collected line by line."""
-
-    def __init__(self, workdir: Path, *extra: str):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-        env.pop("XLA_FLAGS", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workshop_dist.cli", "--workdir", str(workdir), *RUN, *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert self.proc.poll() is None, f"exited before '{text}':\n{self.output[-3000:]}"
-            assert time.monotonic() < deadline, f"no '{text}' within {timeout}s:\n{self.output[-3000:]}"
-            time.sleep(0.01)
-
-    def finish(self, timeout: float = 300) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        return code
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
+def Run(workdir: Path, *extra: str) -> StreamedProcess:
+    """``workshop-train`` on ``workdir`` with the test's settings, in a subprocess."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, "-m", "workshop_dist.cli", "--workdir", str(workdir), *RUN, *extra]
+    return StreamedProcess(command, env=env, cwd=REPO)
 
 
 def steps(workdir: Path) -> list[int]:
@@ -81,13 +46,7 @@ def steps(workdir: Path) -> list[int]:
 
 def read_checkpoint(step_dir: Path) -> dict[str, np.ndarray]:
     """Every array of a checkpoint's training state, by path, plus the data position."""
-    with warnings.catch_warnings():  # no target shardings: plain host arrays are what we want
-        warnings.simplefilter("ignore", UserWarning)
-        tree = ocp.PyTreeCheckpointer().restore(step_dir / "state")
-    flat = {
-        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
+    flat = checkpoint_arrays(step_dir)
     flat["data"] = np.frombuffer(json.dumps(read_data_position(step_dir)).encode(), np.uint8)
     return flat
 
