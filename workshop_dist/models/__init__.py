@@ -1,9 +1,9 @@
 """Generative models: the registry/factory and one module per model family."""
 
 from workshop_dist.models import vae
+from workshop_dist.models.base import GenerativeModel
 from workshop_dist.models.config import ModelConfiguration
 from workshop_dist.models.registry import (
-    GenerativeModel,
     create_model,
     register_model,
     registered_models,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 
@@ -21,6 +21,19 @@ class ModelConfiguration(StrictConfig):
     output_dim: int = pydantic.Field(16, gt=0, description="Output size; the latent dimension for a VAE.")
     parameters: dict[str, Any] = pydantic.Field(
         default_factory=dict, description="Model-specific parameters, validated by the model class."
+    )
+    param_dtype: Literal["float32", "bfloat16"] = pydantic.Field(
+        "float32",
+        description="Storage dtype of the parameters (master weights). Keep float32 with "
+        "training.precision=bfloat16: compute runs in bf16, updates and checkpoints stay float32.",
+    )
+    remat: Literal["none", "full", "dots_saveable", "nothing_saveable", "dots_with_no_batch_dims_saveable"] = (
+        pydantic.Field(
+            "none",
+            description="Rematerialisation of the model's repeated blocks (transformer / U-Net blocks): "
+            "'none' keeps every activation; 'full' recomputes each block in the backward pass; the "
+            "others are jax.checkpoint_policies names (save matmul outputs, or nothing).",
+        )
     )
 
     @pydantic.field_validator("input_dim", mode="before")

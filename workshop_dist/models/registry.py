@@ -1,8 +1,7 @@
 """Model registry and factory: ``model_class`` is a short registered name or a dotted import path.
 
-A model class is an ``nnx.Module`` built as ``cls(config: ModelConfiguration, *, rngs)`` with
-``loss(batch, rng) -> (loss, metrics)`` and ``sample(rng, num_samples) -> images``. A class may
-declare ``Parameters`` (a :class:`~workshop_dist.config.StrictConfig`) to validate
+A model class is an ``nnx.Module`` built as ``cls(config: ModelConfiguration, *, rngs)``
+following the contract in :mod:`workshop_dist.models.base`. A class may declare ``Parameters`` (a :class:`~workshop_dist.config.StrictConfig`) to validate
 ``config.parameters``.
 """
 
@@ -24,7 +23,9 @@ _REGISTRY: dict[str, type] = {}
 C = TypeVar("C", bound=type)
 
 
-class GenerativeModel(Protocol):
+class ModelProtocol(Protocol):
+    """What the engine calls (see :mod:`workshop_dist.models.base` for the whole contract)."""
+
     def loss(self, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
     def sample(self, rng: jax.Array, num_samples: int) -> jax.Array: ...

@@ -17,6 +17,7 @@ from flax import nnx
 
 from workshop_dist.config import ConfigError, StrictConfig
 from workshop_dist.models import layers
+from workshop_dist.models.base import GenerativeModel
 from workshop_dist.models.config import ModelConfiguration
 from workshop_dist.models.registry import register_model, validate_parameters
 
@@ -25,7 +26,7 @@ class VAEParameters(StrictConfig):
     beta: float = pydantic.Field(1.0, ge=0, description="Weight of the KL term.")
 
 
-class _VAEBase(nnx.Module):
+class _VAEBase(GenerativeModel):
     """Shared ELBO, sampling and reparameterisation; subclasses define encode/decode."""
 
     Parameters = VAEParameters
@@ -42,7 +43,10 @@ class _VAEBase(nnx.Module):
         """Pixel logits of shape ``[B, *image_shape]``."""
         raise NotImplementedError
 
-    def per_example(self, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+    def example_losses(
+        self, batch: dict[str, jax.Array], rng: jax.Array, *, step: jax.Array | None = None, group: str | None = None
+    ) -> dict[str, jax.Array]:
+        """Per-example negative ELBO (reconstruction + beta * KL) and its parts."""
         x = batch["image"].astype(jnp.float32)
         if x.shape[1:] != self.image_shape:
             raise ValueError(f"batch images have shape {x.shape[1:]}, the model expects {self.image_shape}")
@@ -53,17 +57,10 @@ class _VAEBase(nnx.Module):
         axes = tuple(range(1, x.ndim))
         reconstruction = optax.sigmoid_binary_cross_entropy(logits, x).sum(axes)
         kl = 0.5 * (jnp.exp(logvar) + mean**2 - 1.0 - logvar).sum(-1)
-        return {"reconstruction": reconstruction, "kl": kl}
+        loss = reconstruction + self.params_config.beta * kl
+        return {"loss": loss, "reconstruction": reconstruction, "kl": kl, "elbo": -(reconstruction + kl)}
 
-    def loss(self, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Negative ELBO (reconstruction + beta * KL), averaged over the batch, and its parts."""
-        parts = self.per_example(batch, rng)
-        metrics = {name: value.mean() for name, value in parts.items()}
-        loss = metrics["reconstruction"] + self.params_config.beta * metrics["kl"]
-        metrics["elbo"] = -(metrics["reconstruction"] + metrics["kl"])
-        return loss, metrics
-
-    def sample(self, rng: jax.Array, num_samples: int) -> jax.Array:
+    def sample(self, rng: jax.Array, num_samples: int, *, labels: jax.Array | None = None, **options) -> jax.Array:
         """Mean images (Bernoulli probabilities) decoded from prior samples: ``[N, *image_shape]``."""
         z = jax.random.normal(rng, (num_samples, self.latent_dim))
         return jax.nn.sigmoid(self.decode(z))
