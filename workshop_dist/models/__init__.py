@@ -1,5 +1,7 @@
 """Generative models: the registry/factory and one module per model family."""
 
+from workshop_dist.models import flow as flow  # registers 'flow'
+from workshop_dist.models import pixelcnn as pixelcnn  # registers 'pixelcnn'
 from workshop_dist.models import vae
 from workshop_dist.models.base import GenerativeModel
 from workshop_dist.models.config import ModelConfiguration
