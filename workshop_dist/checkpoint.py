@@ -18,14 +18,37 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pydantic
 from orbax.checkpoint import checkpoint_managers as policies
 
-from workshop_dist.config import WorkshopError
+from workshop_dist.config import StrictConfig, WorkshopError
 
 STATE, DATA, CONFIG, METADATA = "state", "data", "config", "metadata"
 ITEMS = (STATE, DATA, CONFIG, METADATA)
 BEST_METRIC = "val_loss"
 log = logging.getLogger("workshop_dist")
+
+
+class CheckpointConfiguration(StrictConfig):
+    """Where and how checkpoints are written (``training.checkpoint``); when: ``training.save_frequency``."""
+
+    directory: str | None = pydantic.Field(None, description="Default: WORKDIR/checkpoints.")
+    max_to_keep: int = pydantic.Field(5, gt=0, description="Latest checkpoints kept (the best is kept apart).")
+    async_save: bool = pydantic.Field(True, description="Write checkpoints in the background.")
+    replica_parallel: bool = pydantic.Field(
+        False,
+        description="Split the writing of replicated arrays between their replicas (helps multi-host "
+        "data parallelism finish saves sooner, costs the loop more time per save).",
+    )
+
+
+# The original design's flat ``training`` fields, accepted for one release.
+DEPRECATED_ALIASES = {
+    "checkpoint_dir": "directory",
+    "max_checkpoints": "max_to_keep",
+    "async_checkpointing": "async_save",
+    "replica_parallel_checkpoints": "replica_parallel",
+}
 
 
 class _OnlySomeSavesHaveMetrics(logging.Filter):

@@ -158,13 +158,16 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def host_batch_to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+def host_batch_to_global(
+    batch: Mapping[str, Any], mesh: Mesh, sharding: NamedSharding | None = None
+) -> dict[str, jax.Array]:
     """Assemble each process's share of the batch into global arrays sharded over data x fsdp.
 
     ``batch`` holds this process's examples (global batch / process count of them); the
-    result is one logical global batch, with each device holding its slice.
+    result is one logical global batch, with each device holding its slice. ``sharding``
+    overrides the default example-axis split (e.g. ``P(None, BATCH_AXES)`` for stacked batches).
     """
-    sharding = batch_sharding(mesh)
+    sharding = sharding or batch_sharding(mesh)
     if jax.process_count() == 1:
         return {key: jax.device_put(np.asarray(value), sharding) for key, value in batch.items()}
     return {

@@ -109,6 +109,19 @@ class GlobalBatches(grain.MapDataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_epochs": {}}  # workers recompute; don't ship the arrays
 
+    def global_indices(self, step: int) -> np.ndarray:
+        """Example indices of global batch ``step`` (all rows, every process's part)."""
+        epoch, step = divmod(step, self._steps_per_epoch)
+        order, _ = self._epoch(epoch)
+        return order[step * self._global + np.arange(self._global)]
+
+    def in_memory_examples(self) -> Batch | None:
+        """Every example, standardized, for staging on the devices; None unless the data is in memory
+        and batches are plain gathers (no random flips)."""
+        if getattr(self._reader, "_arrays", None) is None or self._flip_seed is not None:
+            return None
+        return self._transform(self._reader.read_all())
+
 
 class EvalBatches(grain.MapDataset):
     """Element ``b``: this process's rows of global batch ``b`` of one pass, zero-padded past the

@@ -61,6 +61,11 @@ class TrainInput:
                 self._iterator.set_state(self._state_at_close)
         return self._iterator
 
+    def device_plan(self) -> tuple[Batch, Any] | None:
+        """(every example, ``global_indices(step)``) when the data can be staged on the devices."""
+        examples = self._batches.in_memory_examples()
+        return None if examples is None else (examples, self._batches.global_indices)
+
     @functools.cached_property
     def element_spec(self) -> dict[str, Any]:
         """``jax.ShapeDtypeStruct`` of each array of one host batch."""

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
 import pydantic
 
+from workshop_dist.checkpoint import DEPRECATED_ALIASES, CheckpointConfiguration
 from workshop_dist.config import StrictConfig
 from workshop_dist.optim import OptimizerConfiguration, SchedulerConfiguration
+
+
+class GroupOptimizerConfiguration(OptimizerConfiguration):
+    """One parameter group's optimizer (``training.optimizers.<group>``) and optional own schedule."""
+
+    scheduler: SchedulerConfiguration | None = pydantic.Field(
+        None, description="This group's schedule (default: training.scheduler)."
+    )
 
 
 class TrainingConfiguration(StrictConfig):
@@ -26,8 +36,6 @@ class TrainingConfiguration(StrictConfig):
     eval_frequency: int | None = pydantic.Field(
         None, gt=0, description="Evaluate every this many steps (default: at the end of each epoch)."
     )
-    checkpoint_dir: str | None = pydantic.Field(None, description="Default: WORKDIR/checkpoints.")
-    max_checkpoints: int = pydantic.Field(5, gt=0, description="Latest checkpoints kept (the best is kept apart).")
     max_steps: int | None = pydantic.Field(None, gt=0, description="Stop after this many steps in total.")
     steps_per_epoch: int | None = pydantic.Field(
         None, gt=0, description="Steps per epoch (default: derived from the data set size)."
@@ -45,11 +53,34 @@ class TrainingConfiguration(StrictConfig):
     restore_from: str | None = pydantic.Field(
         None, description="Start from this checkpoint directory when the workdir has none yet."
     )
-    async_checkpointing: bool = pydantic.Field(True, description="Write checkpoints in the background.")
-    replica_parallel_checkpoints: bool = pydantic.Field(
+    checkpoint: CheckpointConfiguration = pydantic.Field(default_factory=CheckpointConfiguration)
+    optimizers: dict[str, GroupOptimizerConfiguration] | None = pydantic.Field(
+        None,
+        description="One optimizer per parameter group the model declares (e.g. generator, "
+        "discriminator); replaces `optimizer` for such models.",
+    )
+    ema_decay: float | None = pydantic.Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the params (null: off)."
+    )
+    ema_start_step: int = pydantic.Field(0, ge=0, description="The EMA copies the params until this step.")
+    eval_with_ema: bool | None = pydantic.Field(
+        None, description="Evaluate and sample with the EMA params (default: true when EMA is on)."
+    )
+    grad_accum_steps: int = pydantic.Field(
+        1, ge=1, description="Split each global batch into this many micro-batches (same update, less memory)."
+    )
+    precision: Literal["float32", "bfloat16"] = pydantic.Field(
+        "float32",
+        description="Compute dtype of the model (activations, matmuls); params, optimizer state and "
+        "the loss stay float32.",
+    )
+    steps_per_call: int = pydantic.Field(
+        1, ge=1, description="Training steps per jitted call (lax.scan): less dispatch for small models."
+    )
+    data_on_device: bool = pydantic.Field(
         False,
-        description="Split the writing of replicated arrays between their replicas (helps multi-host "
-        "data parallelism finish saves sooner, costs the loop more time per save).",
+        description="Stage an in-memory training set on the mesh once and gather batches there "
+        "(same order as the pipeline); for data that fits in device memory.",
     )
     profile_steps: tuple[int, int] | None = pydantic.Field(
         None, description="(first step, number of steps) to trace with jax.profiler into WORKDIR/profile."
@@ -64,6 +95,26 @@ class TrainingConfiguration(StrictConfig):
         description="How many steps the host may run ahead of the device (bounded async dispatch: "
         "the device always has queued work, and XLA:CPU collectives cannot deadlock on a long queue).",
     )
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _deprecated_checkpoint_fields(cls, data: Any) -> Any:
+        """``checkpoint_dir`` and friends moved to ``training.checkpoint``; accept them for one release."""
+        if not isinstance(data, dict) or not any(key in data for key in DEPRECATED_ALIASES):
+            return data
+        data = dict(data)
+        section = dict(data.get("checkpoint") or {})
+        for old, new in DEPRECATED_ALIASES.items():
+            if old in data:
+                section[new] = data.pop(old)
+                warnings.warn(
+                    f"training.{old} is deprecated and will be removed in the next release; "
+                    f"use training.checkpoint.{new}",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+        data["checkpoint"] = section
+        return data
 
     @pydantic.field_validator("profile_steps")
     @classmethod
@@ -80,6 +131,27 @@ class TrainingConfiguration(StrictConfig):
                 f"gradient_clip_norm is {mine} here but optimizer.gradient_clip_norm is {theirs}; set only one"
             )
         return self
+
+    @pydantic.model_validator(mode="after")
+    def _accumulation_divides_batch(self) -> TrainingConfiguration:
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum_steps={self.grad_accum_steps}"
+            )
+        return self
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        return self.checkpoint.directory
+
+    @property
+    def max_checkpoints(self) -> int:
+        return self.checkpoint.max_to_keep
+
+    @property
+    def ema_for_eval(self) -> bool:
+        """Whether evaluation and sampling use the EMA params."""
+        return self.ema_decay is not None and self.eval_with_ema is not False
 
     def total_steps(self, steps_per_epoch: int | None) -> int | None:
         """The run's length in steps: epochs x steps per epoch, capped by max_steps."""

@@ -49,6 +49,11 @@ class PipelineInput:
         """Position the pipeline after ``step`` batches (when no saved position fits this run)."""
         self.pipeline.seek(step)
 
+    def device_plan(self) -> tuple[dict[str, np.ndarray], Callable[[int], np.ndarray]] | None:
+        """(every example, global batch indices of a step), when the data can live on the devices."""
+        plan = getattr(self.pipeline, "device_plan", None)
+        return plan() if plan is not None else None
+
 
 class LoaderInput:
     """A seed-style ``loader(batch_size)`` called once per epoch.
@@ -60,6 +65,9 @@ class LoaderInput:
     """
 
     checkpointable_iterator = None
+
+    def device_plan(self) -> None:
+        return None  # a loader's batches are only known by iterating it
 
     def __init__(self, loader: Callable[[int], Any], batch_size: int, steps_per_epoch: int | None):
         self.loader = loader

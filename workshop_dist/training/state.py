@@ -8,12 +8,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-_FIELDS = ("step", "params", "opt_state", "rng", "best_loss", "model_state")
+_FIELDS = ("step", "params", "opt_state", "rng", "best_loss", "model_state", "ema_params")
 
 
 @struct.dataclass
 class TrainingState:
-    """params, opt_state, rng, step and best_loss (plus non-trainable model variables).
+    """params, opt_state, rng, step and best_loss, plus non-trainable model variables and the EMA.
+
+    ``opt_state`` is one optax state, or ``{group: state}`` for models with parameter groups.
+    ``ema_params`` is None when EMA is off (no copy in memory or in checkpoints). Typed PRNG
+    keys a model keeps (``nnx.Rngs``) are stored in ``model_state`` as raw key data.
 
     ``rng`` is the run's base key: the key of step ``s`` is ``fold_in(rng, s)``, so a resumed
     run draws exactly the random numbers an uninterrupted one would. Dict-style access
@@ -26,6 +30,7 @@ class TrainingState:
     rng: jax.Array
     best_loss: jax.Array
     model_state: Any = struct.field(default_factory=dict)
+    ema_params: Any = None
 
     @classmethod
     def create(
@@ -37,6 +42,7 @@ class TrainingState:
         step: int = 0,
         best_loss: float = float("inf"),
         model_state: Any = None,
+        ema_params: Any = None,
     ) -> TrainingState:
         return cls(
             step=jnp.asarray(step, jnp.int32),
@@ -45,6 +51,7 @@ class TrainingState:
             rng=rng,
             best_loss=jnp.asarray(best_loss, jnp.float32),
             model_state={} if model_state is None else model_state,
+            ema_params=ema_params,
         )
 
     def __getitem__(self, key: str) -> Any:

@@ -1,8 +1,16 @@
-"""Pure step functions (no I/O): jitted once by the trainer with explicit shardings."""
+"""Pure step functions (no I/O): the one training step, its n-steps-per-call form, evaluation and sampling.
+
+The training step takes one optimizer update per entry of ``update_order`` (one group for most
+models; e.g. discriminator then generator for a GAN), each on ``accum_steps`` micro-batches,
+then updates the EMA. Everything here is traced once by :mod:`workshop_dist.training.engine`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import inspect
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -13,118 +21,306 @@ from flax import nnx
 from workshop_dist.training.state import TrainingState
 
 Metrics = dict[str, jax.Array]
+Batch = dict[str, jax.Array]
 # Distinct streams derived from the base key, so evaluation never reuses a training key.
 EVAL_STREAM = 0x7FFF_FFFF
 SAMPLE_STREAM = 0x7FFF_FFFE
+MODEL_RNG_STREAM = 0x7FFF_FFFD
+SINGLE = "model"  # the group name of a model without parameter groups
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *, skip_nonfinite: bool = False
-) -> Callable[[TrainingState, dict[str, jax.Array]], tuple[TrainingState, Metrics]]:
-    """One optimizer step; reports ``nonfinite=1`` when the loss or gradient is NaN/Inf.
+@dataclasses.dataclass(frozen=True)
+class ModelCalls:
+    """How to rebuild and call the model inside a traced function.
 
-    With ``skip_nonfinite`` such an update is skipped (params, opt_state and model_state stay
-    as they were). Without it the step stays as lean as a hand-written one: the trainer reads
-    ``nonfinite`` before any checkpoint or evaluation and stops, so a broken state is never saved.
+    ``key_paths`` are the model-state leaves that hold typed PRNG keys (``nnx.Rngs``): the state
+    stores them as raw key data (placeable, checkpointable) and they are re-wrapped here.
     """
 
-    def train_step(state: TrainingState, batch: dict[str, jax.Array]) -> tuple[TrainingState, Metrics]:
-        rng = jax.random.fold_in(state.rng, state.step)
+    graphdef: nnx.GraphDef
+    key_paths: Mapping[tuple, Any] = dataclasses.field(default_factory=dict)  # path -> key impl
+    compute_dtype: Any = None
+    loss_kwargs: frozenset[str] = frozenset()
+    per_example: bool = True  # the model has example_losses (else: legacy loss-only model)
 
-        def loss_fn(params: Any) -> tuple[jax.Array, tuple[Metrics, Any]]:
-            model = nnx.merge(graphdef, params, state.model_state)
-            loss, metrics = model.loss(batch, rng)
-            return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
-
-        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def apply(_: None) -> tuple[Any, Any, Any]:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state, model_state
-
-        if skip_nonfinite:  # lax.cond runs one branch: no extra pass over the state when finite
-            keep = lambda _: (state.params, state.opt_state, state.model_state)  # noqa: E731
-            params, opt_state, model_state = jax.lax.cond(finite, apply, keep, None)
-        else:
-            params, opt_state, model_state = apply(None)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
-        metrics = {
-            **metrics,
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-            "nonfinite": 1.0 - finite.astype(jnp.float32),
+    @classmethod
+    def for_model(cls, model: nnx.Module, graphdef: nnx.GraphDef, model_state: Any, compute_dtype: Any) -> ModelCalls:
+        keys = {
+            path: jax.random.key_impl(leaf)
+            for path, leaf in _leaves(model_state)
+            if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
         }
+        params = inspect.signature(type(model).loss).parameters
+        has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = frozenset(k for k in ("step", "group") if k in params or has_var_kw)
+        base = getattr(type(model), "example_losses", None)
+        from workshop_dist.models.base import GenerativeModel
+
+        per_example = base is not None and base is not GenerativeModel.example_losses
+        return cls(graphdef, keys, compute_dtype, kwargs, per_example)
+
+    def storable(self, model_state: Any) -> Any:
+        """Typed keys -> raw key data."""
+        return _map_paths(model_state, self.key_paths, lambda leaf, _: jax.random.key_data(leaf))
+
+    def merge(self, params: Any, model_state: Any, *, training: bool | None, rng: jax.Array | None = None) -> nnx.Module:
+        """The model with ``params``, in training or evaluation mode (None: as built), its Rngs reseeded from ``rng``."""
+        state = _map_paths(model_state, self.key_paths, lambda data, impl: jax.random.wrap_key_data(data, impl=impl))
+        if self.compute_dtype is not None:
+            params = jax.tree.map(lambda p: p.astype(self.compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+        model = nnx.merge(self.graphdef, params, state)
+        if self.compute_dtype is not None:  # flax layers compute in ``dtype`` and store ``param_dtype``
+            for _, node in nnx.iter_graph(model):
+                if isinstance(node, nnx.Module) and hasattr(node, "dtype") and hasattr(node, "param_dtype"):
+                    node.dtype = self.compute_dtype
+        if training is not None:
+            model.train() if training else model.eval()
+        if rng is not None and self.key_paths:
+            streams = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)]
+            for index, stream in enumerate(streams):  # streams derived from the run's key and step
+                stream.key[...] = jax.random.fold_in(rng, index)
+                stream.count[...] = jnp.zeros_like(stream.count[...])
+        return model
+
+    def model_state(self, model: nnx.Module) -> Any:
+        return self.storable(nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+
+    def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array, step: jax.Array, group: str | None):
+        kwargs = {"step": step, "group": group}
+        loss, metrics = model.loss(batch, rng, **{k: v for k, v in kwargs.items() if k in self.loss_kwargs})
+        return jnp.asarray(loss, jnp.float32), metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRule:
+    """The optimizers and what a step does with them."""
+
+    optimizers: Mapping[str, optax.GradientTransformation]  # group -> transformation
+    schedules: Mapping[str, optax.Schedule]
+    group_keys: Mapping[str, str] | None  # group -> top-level params key; None: one group, all params
+    update_order: tuple[str, ...] = (SINGLE,)
+    accum_steps: int = 1
+    ema_decay: float | None = None
+    ema_start_step: int = 0
+    skip_nonfinite: bool = False
+
+
+def make_train_step(calls: ModelCalls, rule: UpdateRule) -> Callable[[TrainingState, Batch], tuple[TrainingState, Metrics]]:
+    """``(state, batch) -> (state, metrics)``: every update of one step; ``nonfinite=1`` on NaN/Inf.
+
+    With ``skip_nonfinite`` a non-finite update leaves the params, optimizer state and model
+    state as they were. Without it the step stays as lean as a hand-written one: the trainer
+    reads ``nonfinite`` before any checkpoint or evaluation and stops.
+    """
+
+    def train_step(state: TrainingState, batch: Batch) -> tuple[TrainingState, Metrics]:
+        step_key = jax.random.fold_in(state.rng, state.step)
+        params, opt_state, model_state = state.params, state.opt_state, state.model_state
+        metrics: Metrics = {}
+        finite = jnp.bool_(True)
+        for index, group in enumerate(rule.update_order):
+            rng = step_key if len(rule.update_order) == 1 else jax.random.fold_in(step_key, index)
+            key = rule.group_keys[group] if rule.group_keys else None
+            target = params if key is None else params[key]
+            loss, group_metrics, new_model_state, grads = _accumulated_grads(
+                calls, rule.accum_steps, params, key, target, model_state, batch, rng, state.step, group if key else None
+            )
+            grad_norm = optax.tree.norm(grads)
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            group_opt = opt_state if key is None else opt_state[group]
+
+            def apply(_: None, target=target, group_opt=group_opt, grads=grads, group=group, new_model_state=new_model_state):
+                updates, new_opt = rule.optimizers[group].update(grads, group_opt, target)
+                return optax.apply_updates(target, updates), new_opt, new_model_state
+
+            if rule.skip_nonfinite:  # lax.cond runs one branch: no extra pass over the state when finite
+                keep = lambda _, t=target, o=group_opt, m=model_state: (t, o, m)  # noqa: E731
+                target, group_opt, model_state = jax.lax.cond(ok, apply, keep, None)
+            else:
+                target, group_opt, model_state = apply(None)
+            if key is None:
+                params, opt_state = target, group_opt
+            else:
+                params, opt_state = {**params, key: target}, {**opt_state, group: group_opt}
+            finite &= ok
+            prefix = "" if key is None else f"{group}/"
+            lr = jnp.asarray(rule.schedules[group](state.step), jnp.float32)
+            for name, value in {**group_metrics, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr}.items():
+                metrics[prefix + name] = value  # a group updated k times reports its last update
+        if rule.group_keys:
+            metrics["loss"] = sum(metrics[f"{group}/loss"] for group in dict.fromkeys(rule.update_order))
+        ema = state.ema_params
+        if ema is not None:
+            decay = jnp.where(state.step >= rule.ema_start_step, rule.ema_decay, 0.0)
+            ema = optax.incremental_update(params, ema, 1.0 - decay)
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state, ema_params=ema
+        )
         return new_state, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
 
     return train_step
 
 
-def make_loop_step(
-    train_step: Callable[[TrainingState, dict[str, jax.Array]], tuple[TrainingState, Metrics]],
+def _accumulated_grads(
+    calls: ModelCalls,
+    accum_steps: int,
+    params: Any,
+    key: str | None,
+    target: Any,
+    model_state: Any,
+    batch: Batch,
+    rng: jax.Array,
+    step: jax.Array,
+    group: str | None,
+) -> tuple[jax.Array, Metrics, Any, Any]:
+    """Loss, metrics, new model state and gradients of ``target``, averaged over micro-batches."""
+
+    def loss_fn(trainable: Any, model_state: Any, micro: Batch, rng: jax.Array):
+        full = trainable if key is None else {**params, key: trainable}
+        model = calls.merge(full, model_state, training=True, rng=jax.random.fold_in(rng, MODEL_RNG_STREAM))
+        loss, metrics = calls.loss(model, micro, rng, step, group)
+        return loss, (metrics, calls.model_state(model))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        (loss, (metrics, model_state)), grads = grad_fn(target, model_state, batch, rng)
+        return loss, metrics, model_state, grads
+
+    # Micro-batch j holds examples j, j+k, j+2k, ...: each stays spread over every device.
+    micro_batches = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(carry, inputs):
+        grads_sum, loss_sum, metrics_sum, model_state = carry
+        index, micro = inputs
+        (loss, (metrics, model_state)), grads = grad_fn(target, model_state, micro, jax.random.fold_in(rng, index))
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, jax.tree.map(jnp.add, metrics_sum, metrics), model_state), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    metric_shapes = jax.eval_shape(lambda: loss_fn(target, model_state, first, rng)[1][0])
+    zeros = (
+        jax.tree.map(jnp.zeros_like, target),
+        jnp.zeros((), jnp.float32),
+        {k: jnp.zeros(v.shape, jnp.float32) for k, v in metric_shapes.items()},
+        model_state,
+    )
+    (grads, loss, metrics, model_state), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro_batches))
+    scale = 1.0 / accum_steps
+    return loss * scale, jax.tree.map(lambda m: m * scale, metrics), model_state, jax.tree.map(lambda g: g * scale, grads)
+
+
+def make_train_steps(
+    train_step: Callable[[TrainingState, Batch], tuple[TrainingState, Metrics]],
     metric_names: list[str],
-) -> Callable[[tuple, jax.Array, dict[str, jax.Array]], tuple[tuple, jax.Array]]:
-    """The training loop's form of ``train_step``: the same computation, fewer arrays in and out.
+    batch_sharding: jax.sharding.NamedSharding | None = None,
+) -> tuple[Callable, Callable]:
+    """The loop's forms of ``train_step``: n steps per call with ``lax.scan``, metrics as ``[n, len(names)]``.
 
-    Dispatch cost grows with the number of arrays crossing the jit boundary (times the number
-    of devices), so only what a step changes (step, params, opt_state, model_state) is passed
-    in and returned (and donated), the rng is a read-only input, and the metrics come back
-    as one vector ordered like ``metric_names``.
+    ``train_steps(state, batches)`` takes batches stacked ``[n, B, ...]``;
+    ``train_steps_on_device(state, data, indices)`` gathers batch ``i`` as ``data[indices[i]]``
+    from a data set staged on the mesh. Both scan the same step.
     """
 
-    def loop_step(carry: tuple, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[tuple, jax.Array]:
-        step, params, opt_state, model_state = carry
-        state = TrainingState(step, params, opt_state, rng, jnp.zeros((), jnp.float32), model_state)
-        new, metrics = train_step(state, batch)
-        carry = (new.step, new.params, new.opt_state, new.model_state)
-        return carry, jnp.stack([metrics[name] for name in metric_names])
+    def body(state: TrainingState, batch: Batch) -> tuple[TrainingState, jax.Array]:
+        state, metrics = train_step(state, batch)
+        return state, jnp.stack([metrics[name] for name in metric_names])
 
-    return loop_step
+    def train_steps(state: TrainingState, batches: Batch) -> tuple[TrainingState, jax.Array]:
+        return jax.lax.scan(body, state, batches)
+
+    def train_steps_on_device(state: TrainingState, data: Batch, indices: jax.Array) -> tuple[TrainingState, jax.Array]:
+        def gather(state: TrainingState, index: jax.Array) -> tuple[TrainingState, jax.Array]:
+            batch = {key: jnp.take(value, index, axis=0) for key, value in data.items()}
+            if batch_sharding is not None:
+                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            return body(state, batch)
+
+        return jax.lax.scan(gather, state, indices)
+
+    return train_steps, train_steps_on_device
 
 
-def make_eval_sums(graphdef: nnx.GraphDef) -> Callable[[TrainingState, dict[str, jax.Array], jax.Array], Metrics]:
-    """Masked per-example sums of the loss and every model metric over one batch.
+def make_eval_sums(calls: ModelCalls) -> Callable[[Any, Any, jax.Array, Batch, jax.Array], Metrics]:
+    """Masked per-example sums of one batch: ``(params, model_state, rng, batch, batch_index) -> sums``.
 
-    Each example is scored alone (``vmap`` over a batch of one), so padding examples
-    (``mask == 0``) never influence real ones and every real example counts exactly once.
-    ``batch_index`` gives every batch of a pass its own random keys.
+    Padding examples (``mask == 0``) are masked out of per-example values, so every real
+    example counts exactly once and the model sees whole batches (BatchNorm statistics and
+    in-place state updates behave as in training). ``batch_index`` gives every batch its own keys.
     """
 
-    def eval_sums(state: TrainingState, batch: dict[str, jax.Array], batch_index: jax.Array) -> Metrics:
+    def eval_sums(params: Any, model_state: Any, rng: jax.Array, batch: Batch, batch_index: jax.Array) -> Metrics:
         mask = batch["mask"].astype(jnp.float32)
         examples = {key: value for key, value in batch.items() if key != "mask"}
-        model = nnx.merge(graphdef, state.params, state.model_state)
-        pass_key = jax.random.fold_in(jax.random.fold_in(state.rng, EVAL_STREAM), batch_index)
-        keys = jax.random.split(pass_key, mask.shape[0])
-
-        def one(example: dict[str, jax.Array], key: jax.Array) -> Metrics:
-            loss, metrics = model.loss(jax.tree.map(lambda x: x[None], example), key)
-            return {**metrics, "loss": loss}
-
-        per_example = jax.vmap(one)(examples, keys)
-        sums = {key: jnp.sum(jnp.asarray(value, jnp.float32) * mask) for key, value in per_example.items()}
+        key = jax.random.fold_in(jax.random.fold_in(rng, EVAL_STREAM), batch_index)
+        model = calls.merge(params, model_state, training=False, rng=jax.random.fold_in(key, MODEL_RNG_STREAM))
+        if calls.per_example:
+            values = model.example_losses(examples, key)
+        else:  # a loss-only model: score examples one at a time (it cannot tell us per-example values)
+            values = jax.vmap(lambda ex, k: _loss_metrics(calls, model, ex, k))(examples, jax.random.split(key, mask.shape[0]))
+        sums = {}
+        for name, value in values.items():
+            value = jnp.asarray(value, jnp.float32)
+            if value.shape != mask.shape:
+                raise ValueError(
+                    f"example_losses()['{name}'] has shape {value.shape}; evaluation needs one value per "
+                    f"example, shape {mask.shape}"
+                )
+            sums[name] = jnp.sum(value * mask)
         sums["num_examples"] = jnp.sum(mask)
+        sums["num_batches"] = jnp.ones((), jnp.float32)
         return sums
 
     return eval_sums
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainingState, dict[str, jax.Array], Metrics], Metrics]:
+def make_eval_step(calls: ModelCalls) -> Callable[[Any, Any, jax.Array, Batch, Metrics], Metrics]:
     """``totals + eval_sums(batch)``: accumulates on device, read once after the pass."""
-    eval_sums = make_eval_sums(graphdef)
+    eval_sums = make_eval_sums(calls)
 
-    def eval_step(state: TrainingState, batch: dict[str, jax.Array], totals: Metrics) -> Metrics:
-        sums = eval_sums(state, batch, totals["num_batches"].astype(jnp.int32))
-        sums["num_batches"] = jnp.ones((), jnp.float32)
-        return {key: totals[key] + value for key, value in sums.items()}
+    def eval_step(params: Any, model_state: Any, rng: jax.Array, batch: Batch, totals: Metrics) -> Metrics:
+        sums = eval_sums(params, model_state, rng, batch, totals["num_batches"].astype(jnp.int32))
+        return {name: totals[name] + value for name, value in sums.items()}
 
     return eval_step
 
 
-def make_sample_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array, int], jax.Array]:
-    def sample(params: Any, model_state: Any, rng: jax.Array, num_samples: int) -> jax.Array:
-        return nnx.merge(graphdef, params, model_state).sample(rng, num_samples)
+def _loss_metrics(calls: ModelCalls, model: nnx.Module, example: Batch, key: jax.Array) -> Metrics:
+    loss, metrics = calls.loss(model, jax.tree.map(lambda x: x[None], example), key, None, None)
+    return {**metrics, "loss": loss}
+
+
+def warn_loss_only(model: nnx.Module) -> None:
+    warnings.warn(
+        f"{type(model).__name__} has no example_losses(): evaluation scores examples one at a time, so "
+        "batch statistics (BatchNorm) and in-loss state updates do not work there. Implement "
+        "example_losses (see workshop_dist.models.base).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def make_sample_fn(calls: ModelCalls) -> Callable[..., jax.Array]:
+    def sample(params: Any, model_state: Any, rng: jax.Array, labels: jax.Array | None, num_samples: int, options: tuple):
+        model = calls.merge(params, model_state, training=False, rng=jax.random.fold_in(rng, MODEL_RNG_STREAM))
+        kwargs = dict(options)
+        if labels is not None:
+            kwargs["labels"] = labels
+        return model.sample(rng, num_samples, **kwargs)
 
     return sample
+
+
+def _leaves(tree: Any) -> list[tuple[tuple, Any]]:
+    return [(tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _map_paths(tree: Any, paths: Mapping[tuple, Any], fn: Callable[[Any, Any], Any]) -> Any:
+    if not paths:
+        return tree
+
+    def one(path: tuple, leaf: Any) -> Any:
+        name = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        return fn(leaf, paths[name]) if name in paths else leaf
+
+    return jax.tree_util.tree_map_with_path(one, tree)
