@@ -15,7 +15,12 @@ from workshop_dist.data import DataConfiguration
 from workshop_dist.distributed import DistributedConfiguration
 from workshop_dist.experiment import ExperimentConfiguration
 from workshop_dist.models import ModelConfiguration
-from workshop_dist.optim import OptimizerConfiguration, SchedulerConfiguration
+from workshop_dist.optim import (
+    OPTIMIZER_FIELD_USERS,
+    SCHEDULER_FIELD_USERS,
+    OptimizerConfiguration,
+    SchedulerConfiguration,
+)
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.training import TrainingConfiguration
 
@@ -24,8 +29,24 @@ def packaged_default_path() -> Path:
     return Path(str(resources.files("workshop_dist") / "configs" / "vae_digits.yaml"))
 
 
-def full_config() -> ExperimentConfiguration:
-    """Every optional field set to a non-default, non-null value."""
+# Each type's own fields set to non-default values (a field the type ignores is an error).
+FULL_OPTIMIZER_FIELDS: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.9, "nesterov": True},
+    "rmsprop": {"decay": 0.95, "eps": 1e-6, "momentum": 0.5, "nesterov": True},
+    "adamw": {"beta1": 0.8, "beta2": 0.99, "eps": 1e-6},
+}
+FULL_SCHEDULER_FIELDS: dict[str, dict[str, Any]] = {
+    "multistep": {"gamma": 0.5, "milestones": [50, 150]},
+    "cosine": {"cycle_length": 100, "min_lr_ratio": 0.01},
+    "linear": {"total_steps": 200, "min_lr_ratio": 0.01},
+    "exponential": {"decay_rate": 0.9, "decay_steps": 20, "staircase": True},
+    "step": {"step_size": 10, "gamma": 0.5},
+}
+FULL_VARIANTS = [("sgd", "multistep"), ("rmsprop", "exponential"), ("adamw", "cosine"), ("sgd", "linear"), ("adamw", "step")]
+
+
+def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> ExperimentConfiguration:
+    """Every optional field that ``optimizer``/``scheduler`` use set to a non-default, non-null value."""
     return ExperimentConfiguration(
         model=ModelConfiguration(
             name="full_model",
@@ -41,31 +62,15 @@ def full_config() -> ExperimentConfiguration:
             num_epochs=3,
             optimizer=OptimizerConfiguration(
                 name="opt",
-                optimizer_type="sgd",
+                optimizer_type=optimizer,
                 learning_rate=3e-4,
                 weight_decay=1e-5,
-                beta1=0.8,
-                beta2=0.99,
-                eps=1e-6,
-                momentum=0.9,
-                nesterov=True,
-                decay=0.95,
                 gradient_clip_norm=1.5,
                 gradient_clip_value=0.25,
+                **FULL_OPTIMIZER_FIELDS[optimizer],
             ),
             scheduler=SchedulerConfiguration(
-                name="sched",
-                scheduler_type="multistep",
-                warmup_steps=5,
-                cycle_length=100,
-                min_lr_ratio=0.01,
-                total_steps=200,
-                step_size=10,
-                gamma=0.5,
-                milestones=[50, 150],
-                decay_rate=0.9,
-                decay_steps=20,
-                staircase=True,
+                name="sched", scheduler_type=scheduler, warmup_steps=5, **FULL_SCHEDULER_FIELDS[scheduler]
             ),
             gradient_clip_norm=1.5,
             save_frequency=50,
@@ -135,8 +140,12 @@ def config_error(data: dict[str, Any], overrides: list[str] | None = None) -> st
 # --------------------------------------------------------------------------- round trips
 
 
-def test_full_config_really_sets_every_optional_field():
-    assert null_paths(full_config().model_dump()) == []
+def test_full_configs_together_set_every_optional_field():
+    # A field null in one variant (a scheduler field its type ignores) is set in another.
+    null_in_all = set.intersection(*(set(null_paths(full_config(*v).model_dump())) for v in FULL_VARIANTS))
+    assert null_in_all == set()
+    assert {field for fields in FULL_OPTIMIZER_FIELDS.values() for field in fields} == set(OPTIMIZER_FIELD_USERS)
+    assert {field for fields in FULL_SCHEDULER_FIELDS.values() for field in fields} == set(SCHEDULER_FIELD_USERS)
 
 
 def test_packaged_default_loads_with_its_values():
@@ -157,12 +166,12 @@ def test_packaged_default_loads_with_its_values():
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
-@pytest.mark.parametrize("which", ["packaged_default", "full"])
+@pytest.mark.parametrize("which", ["packaged_default", *FULL_VARIANTS])
 def test_save_load_round_trip_is_exact(tmp_path, suffix, which):
     config = (
         ExperimentConfiguration.load(packaged_default_path())
         if which == "packaged_default"
-        else full_config()
+        else full_config(*which)
     )
     path = tmp_path / f"config{suffix}"
     config.save(path)
@@ -553,6 +562,58 @@ def test_override_value_that_is_not_valid_yaml_is_a_config_error(bad):
     with pytest.raises(ConfigError) as info:
         ExperimentConfiguration.from_dict({}, [bad])
     assert bad in str(info.value)
+
+
+# --------------------------------------------------------------------------- fields the type ignores
+
+
+def test_ignored_field_from_an_override_names_the_field_and_its_types():
+    message = config_error({}, ["training.scheduler.milestones=[30,10]"])  # the default schedule: constant
+    assert (
+        "  training.scheduler.milestones: milestones is used only by scheduler_type multistep; "
+        "with scheduler_type 'constant' it would be ignored"
+    ) in message
+
+
+def test_ignored_field_from_a_file_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  optimizer: {optimizer_type: adam, momentum: 0.9}\n")
+    with pytest.raises(ConfigError, match=r"training.optimizer.momentum: momentum is used only by optimizer_type sgd, rmsprop"):
+        ExperimentConfiguration.load(path)
+
+
+def test_switching_the_packaged_schedule_names_the_leftover_field():
+    # The default cosine sets min_lr_ratio; a `step` schedule would silently drop it.
+    with pytest.raises(ConfigError, match=r"training\.scheduler\.min_lr_ratio: min_lr_ratio is used only by scheduler_type cosine, linear"):
+        ExperimentConfiguration.load(
+            packaged_default_path(), ["training.scheduler.scheduler_type=step", "training.scheduler.step_size=10"]
+        )
+    replaced = ExperimentConfiguration.load(
+        packaged_default_path(), ["training.scheduler={scheduler_type: step, step_size: 10}"]
+    )
+    assert replaced.training.scheduler.scheduler_type == "step"
+
+
+def test_resolved_config_with_every_field_spelled_out_loads_again(tmp_path):
+    # config.yaml in a workdir lists every field, also those the chosen types ignore (at their defaults).
+    path = tmp_path / "config.yaml"
+    ExperimentConfiguration.load(packaged_default_path()).save(path)
+    assert "milestones: []" in path.read_text() and "momentum: 0.0" in path.read_text()
+    assert ExperimentConfiguration.load(path) == ExperimentConfiguration.load(packaged_default_path())
+
+
+def test_cli_reports_an_ignored_field_in_one_line_with_exit_code_2(capsys):
+    from workshop_dist.cli import main
+
+    assert main(["--print-config", "training.scheduler.milestones=[30,10]"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    problem = [line for line in captured.err.splitlines() if "milestones" in line]
+    assert problem == [
+        "  training.scheduler.milestones: milestones is used only by scheduler_type multistep; with "
+        "scheduler_type 'cosine' it would be ignored: remove it, or pick a scheduler_type that uses it (got [30, 10])"
+    ]
+    assert "Traceback" not in captured.err
 
 
 # --------------------------------------------------------------------------- error messages

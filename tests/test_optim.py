@@ -15,6 +15,8 @@ import pytest
 from workshop_dist.config import ConfigError
 from workshop_dist.experiment import ExperimentConfiguration
 from workshop_dist.optim import (
+    OPTIMIZER_FIELD_USERS,
+    SCHEDULER_FIELD_USERS,
     OptimizerConfiguration,
     SchedulerConfiguration,
     create_optimizer,
@@ -562,3 +564,93 @@ def test_impossible_values_are_rejected_with_the_field_name(cls, fields, field):
     with pytest.raises(pydantic.ValidationError) as info:
         cls(**fields)
     assert [error["loc"] for error in info.value.errors()] == [(field,)]
+
+
+# --------------------------------------------------------------------------- fields the type ignores
+
+
+COMMON_OPTIMIZER_FIELDS = {"name", "optimizer_type", "learning_rate", "weight_decay", "gradient_clip_norm", "gradient_clip_value"}
+COMMON_SCHEDULER_FIELDS = {"name", "scheduler_type", "warmup_steps"}
+OPTIMIZER_TYPES = ["adam", "adamw", "sgd", "rmsprop", "adagrad", "lamb"]
+SCHEDULER_TYPES = ["constant", "cosine", "linear", "exponential", "step", "multistep"]
+# A value for each type-specific field that changes the result of every type that reads it.
+CHANGED_OPTIMIZER_VALUES = {"beta1": 0.5, "beta2": 0.9, "eps": 0.1, "momentum": 0.9, "nesterov": True, "decay": 0.5}
+CHANGED_SCHEDULER_VALUES = {
+    "cycle_length": 20,
+    "min_lr_ratio": 0.3,
+    "total_steps": 25,
+    "decay_rate": 0.8,
+    "decay_steps": 3,
+    "staircase": True,
+    "step_size": 4,
+    "gamma": 0.3,
+    "milestones": [3, 8],
+}
+
+
+def test_every_field_is_either_common_or_in_the_users_table():
+    assert set(OptimizerConfiguration.model_fields) == COMMON_OPTIMIZER_FIELDS | set(OPTIMIZER_FIELD_USERS)
+    assert set(SchedulerConfiguration.model_fields) == COMMON_SCHEDULER_FIELDS | set(SCHEDULER_FIELD_USERS)
+    assert set(CHANGED_OPTIMIZER_VALUES) == set(OPTIMIZER_FIELD_USERS)
+    assert set(CHANGED_SCHEDULER_VALUES) == set(SCHEDULER_FIELD_USERS)
+
+
+@pytest.mark.parametrize("field", sorted(OPTIMIZER_FIELD_USERS))
+def test_optimizer_users_table_matches_what_create_optimizer_reads(field):
+    # Built without validation: the table must say exactly which types react to the field.
+    for kind in OPTIMIZER_TYPES:
+        base = {"optimizer_type": kind, "learning_rate": 0.05, "momentum": 0.5 if field == "nesterov" else 0.0}
+        plain = OptimizerConfiguration.model_construct(**base)
+        changed = OptimizerConfiguration.model_construct(**{**base, field: CHANGED_OPTIMIZER_VALUES[field]})
+        results = [run_quadratic(create_optimizer(c, optax.constant_schedule(0.05)), 5) for c in (plain, changed)]
+        differs = not np.allclose(*results, rtol=0, atol=0)
+        assert differs == (kind in OPTIMIZER_FIELD_USERS[field]), (field, kind)
+
+
+@pytest.mark.parametrize("field", sorted(SCHEDULER_FIELD_USERS))
+def test_scheduler_users_table_matches_what_create_schedule_reads(field):
+    required = {"step_size": 7, "decay_rate": 0.5, "decay_steps": 5, "milestones": [5, 12]}
+    for kind in SCHEDULER_TYPES:
+        plain = SchedulerConfiguration.model_construct(scheduler_type=kind, **required)
+        changed = SchedulerConfiguration.model_construct(
+            scheduler_type=kind, **{**required, field: CHANGED_SCHEDULER_VALUES[field]}
+        )
+        steps = list(range(41))
+        curves = [values(create_schedule(c, LR, total_steps=40), steps) for c in (plain, changed)]
+        differs = not np.array_equal(*curves)
+        assert differs == (kind in SCHEDULER_FIELD_USERS[field]), (field, kind)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kind_field", "kind", "field", "users"),
+    [
+        (OptimizerConfiguration, "optimizer_type", "adam", "momentum", "sgd, rmsprop"),
+        (OptimizerConfiguration, "optimizer_type", "sgd", "beta1", "adam, adamw, lamb"),
+        (OptimizerConfiguration, "optimizer_type", "adagrad", "decay", "rmsprop"),
+        (SchedulerConfiguration, "scheduler_type", "cosine", "milestones", "multistep"),
+        (SchedulerConfiguration, "scheduler_type", "step", "decay_rate", "exponential"),
+        (SchedulerConfiguration, "scheduler_type", "multistep", "min_lr_ratio", "cosine, linear"),
+    ],
+)
+def test_a_set_field_the_type_ignores_is_an_error_naming_field_and_types(cls, kind_field, kind, field, users):
+    required = {"step": {"step_size": 5}, "multistep": {"milestones": [5]}}.get(kind, {})
+    value = (CHANGED_OPTIMIZER_VALUES | CHANGED_SCHEDULER_VALUES)[field]
+    with pytest.raises(pydantic.ValidationError) as info:
+        cls(**{kind_field: kind, field: value, **required})
+    [error] = info.value.errors()
+    assert error["loc"] == (field,)
+    assert f"{field} is used only by {kind_field} {users}; with {kind_field} '{kind}' it would be ignored" in error["msg"]
+
+
+def test_defaults_of_ignored_fields_never_trigger_the_check():
+    # What a resolved config spells out: every field, most at their defaults.
+    assert OptimizerConfiguration(optimizer_type="adam", momentum=0.0, nesterov=False, decay=0.9).momentum == 0.0
+    assert SchedulerConfiguration(scheduler_type="cosine", milestones=[], gamma=0.1, step_size=None).milestones == []
+    for kind in OPTIMIZER_TYPES:
+        OptimizerConfiguration(optimizer_type=kind)
+
+
+def test_changing_the_type_by_assignment_checks_the_fields_already_set():
+    config = SchedulerConfiguration(scheduler_type="cosine", min_lr_ratio=0.1)
+    with pytest.raises(pydantic.ValidationError, match="min_lr_ratio is used only by scheduler_type cosine, linear"):
+        config.scheduler_type = "step"

@@ -13,11 +13,18 @@ Schedule semantics (all step counts are optimizer steps, starting at 0):
 
 ``cycle_length`` / ``total_steps`` default to the run's total number of steps.
 For ``step``/``multistep`` with warmup, steps and milestones stay absolute.
+
+A field that the chosen type does not use is an error when the user sets it to anything but
+its default (``milestones`` with ``cosine``, ``momentum`` with ``adam``): a silently ignored
+setting is a wrong experiment. :data:`OPTIMIZER_FIELD_USERS` and
+:data:`SCHEDULER_FIELD_USERS` say which type uses which field; they drive the check and the
+table appended to this docstring.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import optax
@@ -27,6 +34,70 @@ from workshop_dist.config import ConfigError, StrictConfig
 
 OptimizerType = Literal["adam", "adamw", "sgd", "rmsprop", "adagrad", "lamb"]
 SchedulerType = Literal["constant", "cosine", "linear", "exponential", "step", "multistep"]
+
+# Which types read each type-specific field (read off create_optimizer / create_schedule).
+# Every other field (learning_rate, weight_decay, clipping, warmup_steps, name) applies to all.
+OPTIMIZER_FIELD_USERS: dict[str, tuple[str, ...]] = {
+    "beta1": ("adam", "adamw", "lamb"),
+    "beta2": ("adam", "adamw", "lamb"),
+    "eps": ("adam", "adamw", "lamb", "rmsprop", "adagrad"),
+    "momentum": ("sgd", "rmsprop"),
+    "nesterov": ("sgd", "rmsprop"),
+    "decay": ("rmsprop",),
+}
+SCHEDULER_FIELD_USERS: dict[str, tuple[str, ...]] = {
+    "cycle_length": ("cosine",),
+    "min_lr_ratio": ("cosine", "linear"),
+    "total_steps": ("linear",),
+    "decay_rate": ("exponential",),
+    "decay_steps": ("exponential",),
+    "staircase": ("exponential",),
+    "step_size": ("step",),
+    "gamma": ("step", "multistep"),
+    "milestones": ("multistep",),
+}
+
+
+def ignored_field_message(field: str, kind_field: str, kind: str, users: tuple[str, ...]) -> str:
+    """The one-line error for a set field that ``kind`` would ignore."""
+    return (
+        f"{field} is used only by {kind_field} {', '.join(users)}; with {kind_field} '{kind}' it would be "
+        f"ignored: remove it, or pick a {kind_field} that uses it"
+    )
+
+
+def _check_field_used(
+    config_cls: type[pydantic.BaseModel], field: str, value: Any, kind: str | None, kind_field: str, table: Mapping
+) -> None:
+    """Raise if ``field`` (set to ``value``) is not its default and ``kind`` does not read it.
+
+    A value equal to the default passes: resolved configs (``WORKDIR/config.yaml``,
+    ``--print-config``) spell out every field and must load again.
+    """
+    users = table.get(field)
+    if users is None or kind is None or kind in users:
+        return
+    if value == config_cls.model_fields[field].get_default(call_default_factory=True):
+        return
+    raise ValueError(ignored_field_message(field, kind_field, kind, users))
+
+
+def _check_set_fields_used(config: pydantic.BaseModel, kind_field: str, table: Mapping) -> None:
+    kind = getattr(config, kind_field)
+    for field in sorted(config.model_fields_set & set(table)):
+        _check_field_used(type(config), field, getattr(config, field), kind, kind_field, table)
+
+
+def _field_users_table(title: str, kind_field: str, table: Mapping[str, tuple[str, ...]]) -> str:
+    rows = "\n".join(f"- ``{field}``: {', '.join(users)}" for field, users in table.items())
+    return f"\n{title} fields and the ``{kind_field}`` values that use them:\n\n{rows}\n"
+
+
+__doc__ = (
+    (__doc__ or "")
+    + _field_users_table("Optimizer", "optimizer_type", OPTIMIZER_FIELD_USERS)
+    + _field_users_table("Scheduler", "scheduler_type", SCHEDULER_FIELD_USERS)
+)
 
 
 class OptimizerConfiguration(StrictConfig):
@@ -49,8 +120,17 @@ class OptimizerConfiguration(StrictConfig):
     )
     gradient_clip_value: float | None = pydantic.Field(None, gt=0, description="Clip each gradient to [-v, v].")
 
+    @pydantic.field_validator(*OPTIMIZER_FIELD_USERS)
+    @classmethod
+    def _used_by_type(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        # Field-level (so the error names the field); runs only for fields given as input.
+        kind = info.data.get("optimizer_type")
+        _check_field_used(cls, info.field_name, value, kind, "optimizer_type", OPTIMIZER_FIELD_USERS)
+        return value
+
     @pydantic.model_validator(mode="after")
     def _check(self) -> OptimizerConfiguration:
+        _check_set_fields_used(self, "optimizer_type", OPTIMIZER_FIELD_USERS)  # e.g. type changed by assignment
         if self.nesterov and self.momentum == 0 and self.optimizer_type in ("sgd", "rmsprop"):
             raise ValueError("nesterov=true needs momentum > 0")
         return self
@@ -72,8 +152,16 @@ class SchedulerConfiguration(StrictConfig):
     decay_steps: int | None = pydantic.Field(None, gt=0)
     staircase: bool = False
 
+    @pydantic.field_validator(*SCHEDULER_FIELD_USERS)
+    @classmethod
+    def _used_by_type(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        kind = info.data.get("scheduler_type")
+        _check_field_used(cls, info.field_name, value, kind, "scheduler_type", SCHEDULER_FIELD_USERS)
+        return value
+
     @pydantic.model_validator(mode="after")
     def _check(self) -> SchedulerConfiguration:
+        _check_set_fields_used(self, "scheduler_type", SCHEDULER_FIELD_USERS)
         kind = self.scheduler_type
         if kind == "cosine" and self.cycle_length is not None and self.cycle_length <= self.warmup_steps:
             raise ValueError(f"cycle_length ({self.cycle_length}) must exceed warmup_steps ({self.warmup_steps})")
