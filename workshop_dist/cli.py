@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Build everything and compile one step; print parameters, per-device memory and FLOPs; exit.",
     )
     parser.add_argument("--plot-schedule", metavar="OUT.png", help="Plot the learning rate over the run and exit.")
+    parser.add_argument(
+        "--report", metavar="WORKDIR", help="Print the run report of WORKDIR (steps, restarts, time, goodput) and exit."
+    )
     parser.add_argument("--quiet", action="store_true", help="Only warnings and errors.")
     parser.add_argument("--verbose", action="store_true", help="Debug logging.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks for user errors.")
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report:  # reads only the workdir: no config, no devices
+        from workshop_dist.report import print_report
+
+        return print_report(args.report)
     config = load_config(args.config, args.overrides)
     if args.print_config:
         print(config.to_yaml(), end="")

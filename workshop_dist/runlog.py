@@ -10,7 +10,7 @@ Events (every line has ``event``, ``time`` (Unix seconds), ``session`` (one id p
 start), ``step``):
 
 - ``start``: ``total_steps``, ``resumed_from`` (step restored, or None), ``examples_per_step``,
-  ``process_count``, ``host``, ``pid``.
+  ``process_count``, ``checkpoint_dir``, ``host``, ``pid``.
 - ``time``: ``kind`` (one of :data:`KINDS`), ``seconds``, and for ``eval`` the ``val_loss``.
 - ``end``: ``reason`` (one of :data:`REASONS`) and an optional ``detail`` (the error).
 
@@ -69,11 +69,13 @@ class RunLog:
         *,
         examples_per_step: int | None = None,
         process_count: int = 1,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> None:
         """Training begins (or resumes) at ``step`` of ``total_steps``.
 
         ``resumed_from`` is the checkpoint step restored (None for a fresh start);
-        ``examples_per_step`` the global batch size, for the examples-seen count.
+        ``examples_per_step`` the global batch size, for the examples-seen count;
+        ``checkpoint_dir`` where checkpoints go when not ``WORKDIR/checkpoints``.
         """
         self._write(
             "start",
@@ -82,6 +84,7 @@ class RunLog:
             resumed_from=resumed_from,
             examples_per_step=examples_per_step,
             process_count=process_count,
+            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
             host=socket.gethostname(),
             pid=os.getpid(),
         )
