@@ -213,7 +213,7 @@ def format_report(report: RunReport, now: float | None = None) -> str:
     lines = [f"Run report for {report.workdir}"]
 
     def row(label: str, text: str, indent: int = 2) -> None:
-        lines.append(f"{' ' * indent}{label:<{30 - indent}}{text}")
+        lines.append(f"{' ' * indent}{label:<{36 - indent}}{text}")
 
     if report.status == "running (or killed)":
         status = f"running, or killed without an end event (last event {format_duration(now - report.last_event_time)} ago)"
