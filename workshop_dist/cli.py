@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         return plot_schedule(training, train_input.steps_per_epoch, Path(args.plot_schedule))
 
     workdir = Path(args.workdir).absolute()
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    level = config.logging.console_level(quiet=args.quiet, verbose=args.verbose)  # the flags win
+    quiet = level >= logging.WARNING
     logger = Logger(None if args.dry_run else workdir / "logs", level=level)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_size(training.batch_size, mesh)
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         mesh_config=config.mesh,
         experiment_config=config.model_dump(mode="json"),
         preemption=watcher,
-        progress_bar=sys.stderr.isatty() and not args.quiet,
+        progress_bar=sys.stderr.isatty() and not quiet,
     )
     try:
         _resume_or_start(trainer, training, args.restore or training.restore_from, logger)
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         trainer.close()
         watcher.uninstall()
         distributed.shutdown()
-    if distributed.is_primary() and not args.quiet:
+    if distributed.is_primary() and not quiet:
         print(f"Trained {trainer.step} steps. Outputs in {workdir}:")
         print(f"  checkpoints  {trainer.checkpoint_dir}/<step>/  (latest: {trainer.checkpoints.latest_step()})")
         print(f"  metrics      {workdir / 'logs' / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {workdir / 'logs'})")

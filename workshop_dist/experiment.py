@@ -7,6 +7,7 @@ import pydantic
 from workshop_dist.config import StrictConfig
 from workshop_dist.data import DataConfiguration
 from workshop_dist.distributed import DistributedConfiguration
+from workshop_dist.logging_config import LoggingConfiguration
 from workshop_dist.models import ModelConfiguration
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.training import TrainingConfiguration
@@ -20,6 +21,7 @@ class ExperimentConfiguration(StrictConfig):
     data: DataConfiguration = pydantic.Field(default_factory=DataConfiguration)
     mesh: MeshConfiguration = pydantic.Field(default_factory=MeshConfiguration)
     distributed: DistributedConfiguration = pydantic.Field(default_factory=DistributedConfiguration)
+    logging: LoggingConfiguration = pydantic.Field(default_factory=LoggingConfiguration)
 
     @pydantic.model_validator(mode="after")
     def _batch_fits_mesh(self) -> ExperimentConfiguration:

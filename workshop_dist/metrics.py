@@ -1,4 +1,4 @@
-"""Run logs and metrics: a human log (console + file) and metric writers (CLU + JSONL).
+"""Run logs and metrics: a human log (console + file) and metric trackers (CLU, JSONL, W&B).
 
 Only the primary process (``jax.process_index() == 0``) writes files; the others log to the
 console only, so a multi-host run produces one set of logs.
@@ -17,6 +17,9 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from workshop_dist.config import WorkshopError
+from workshop_dist.logging_config import LoggingConfiguration, WandbConfiguration
 
 LOGGER_NAME = "workshop_dist"
 
@@ -73,62 +76,185 @@ class Logger:
 
 
 class MetricsLogger:
-    """Scalars, images and hyperparameters to TensorBoard event files (CLU) and ``metrics.jsonl``.
+    """Scalars, images and hyperparameters to the configured trackers (``logging.trackers``).
 
-    Every call writes through and flushes, so a killed run loses at most what was not yet
-    logged. Call :meth:`close` at the end (it waits for CLU's background writer).
+    ``tensorboard``: event files through CLU; ``jsonl``: ``metrics.jsonl``; ``wandb``: a
+    Weights & Biases run (:class:`WandbTracker`). Every call writes through and flushes, so a
+    killed run loses at most what was not yet logged. Call :meth:`close` at the end (it waits
+    for CLU's background writer and finishes the W&B run).
     """
 
-    def __init__(self, log_dir: str | Path, *, enabled: bool | None = None, asynchronous: bool = True):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        *,
+        enabled: bool | None = None,
+        asynchronous: bool = True,
+        config: LoggingConfiguration | None = None,
+    ):
         self.log_dir = Path(log_dir)
         self.enabled = is_primary() if enabled is None else enabled
+        self.config = config if config is not None else LoggingConfiguration()
         self._writer = None
         self._jsonl = None
+        self._wandb: WandbTracker | None = None
         if self.enabled:
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CLU imports TensorFlow: keep it quiet
-            from clu import metric_writers
-
+            trackers = set(self.config.trackers)
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = metric_writers.create_default_writer(str(self.log_dir), asynchronous=asynchronous)
-            self._jsonl = (self.log_dir / "metrics.jsonl").open("a")
+            if "tensorboard" in trackers:
+                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CLU imports TensorFlow: keep it quiet
+                from clu import metric_writers
+
+                self._writer = metric_writers.create_default_writer(str(self.log_dir), asynchronous=asynchronous)
+            if "jsonl" in trackers:
+                self._jsonl = self.jsonl_path.open("a")
+            if "wandb" in trackers:
+                self._wandb = WandbTracker(self.log_dir, self.config.wandb)
 
     @property
     def jsonl_path(self) -> Path:
         return self.log_dir / "metrics.jsonl"
+
+    @property
+    def wandb_run(self) -> Any:
+        """The live ``wandb`` run (None without the wandb tracker), e.g. to log a custom chart."""
+        return self._wandb.run if self._wandb is not None else None
 
     def log_metrics(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
         """Write ``{prefix}/{name}`` scalars at ``step``."""
         if not self.enabled:
             return
         scalars = {f"{prefix}/{name}": float(value) for name, value in metrics.items()}
-        self._writer.write_scalars(step, scalars)
-        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            self._writer.write_scalars(step, scalars)
+        if self._jsonl is not None:
+            record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}}
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(step, scalars)
         self.flush()
 
     def log_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """Write image batches ``[N, H, W, C]`` (floats in [0, 1]) as TensorBoard images."""
-        if self.enabled:
-            self._writer.write_images(step, {key: np.asarray(value) for key, value in images.items()})
-            self.flush()
+        """Write image batches ``[N, H, W, C]`` (floats in [0, 1]) as TensorBoard / W&B images."""
+        if not self.enabled:
+            return
+        arrays = {key: np.asarray(value) for key, value in images.items()}
+        if self._writer is not None:
+            self._writer.write_images(step, arrays)
+        if self._wandb is not None:
+            self._wandb.log_images(step, arrays)
+        self.flush()
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
-        """Write the (flattened) resolved configuration once."""
-        if self.enabled:
+        """Write the resolved configuration once (flattened for TensorBoard, nested for W&B)."""
+        if not self.enabled:
+            return
+        if self._writer is not None:
             self._writer.write_hparams(flatten(hparams))
-            self.flush()
+        if self._wandb is not None:
+            self._wandb.log_config(hparams)
+        self.flush()
 
     def flush(self) -> None:
         if self.enabled:
-            self._writer.flush()
-            self._jsonl.flush()
+            if self._writer is not None:
+                self._writer.flush()
+            if self._jsonl is not None:
+                self._jsonl.flush()
 
     def close(self) -> None:
-        if self.enabled and self._jsonl is not None:
+        if not self.enabled:
+            return
+        if self._writer is not None:
             self._writer.close()
+        if self._jsonl is not None:
             self._jsonl.close()
-            self._jsonl = None
-            self.enabled = False
+        if self._wandb is not None:
+            self._wandb.close()
+        self._writer = self._jsonl = self._wandb = None
+        self.enabled = False
+
+
+class WandbTracker:
+    """One Weights & Biases run per workdir, continued across restarts with no repeated steps.
+
+    The run id lives in ``LOG_DIR/wandb_run_id`` and W&B's files in ``LOG_DIR/wandb``. A
+    resumed job starts again after its last checkpoint, so it re-logs steps the killed
+    process already sent; ``LOG_DIR/wandb_steps.json`` keeps, per metric, the last step W&B
+    has committed, and values at or before it are dropped. (W&B commits a step's row when a
+    later step is logged or the run finishes; a row still open when the process died is
+    re-logged, not lost.)
+    """
+
+    def __init__(self, log_dir: Path, config: WandbConfiguration):
+        try:
+            import wandb
+        except ImportError:
+            raise WorkshopError(
+                "logging.trackers includes 'wandb' but wandb is not installed: pip install 'workshop-dist[wandb]'"
+            ) from None
+        self._wandb = wandb
+        self.id_path = log_dir / "wandb_run_id"
+        self.steps_path = log_dir / "wandb_steps.json"
+        run_id = self.id_path.read_text().strip() if self.id_path.exists() else wandb.util.generate_id()
+        self.committed: dict[str, int] = json.loads(self.steps_path.read_text()) if self.steps_path.exists() else {}
+        self._open_step: int | None = None
+        self._open_keys: set[str] = set()
+        self.run = wandb.init(
+            project=config.project,
+            entity=config.entity,
+            name=config.name or log_dir.absolute().parent.name,
+            group=config.group,
+            tags=config.tags or None,
+            notes=config.notes,
+            mode=config.mode,
+            id=run_id,
+            resume="allow",
+            dir=str(log_dir),
+            settings=wandb.Settings(console="off"),  # our logger and progress bar own the console
+        )
+        self.id_path.write_text(run_id + "\n")
+
+    def _new(self, step: int, keys: list[str]) -> list[str]:
+        """Of ``keys``, those not yet committed at ``step``; commits the open row if ``step`` moves on."""
+        if self._open_step is not None and step > self._open_step:
+            self._commit()
+        fresh = [key for key in keys if step > self.committed.get(key, -1)]
+        if fresh:
+            self._open_step = step if self._open_step is None else max(self._open_step, step)
+            self._open_keys.update(fresh)
+        return fresh
+
+    def _commit(self) -> None:
+        if self._open_step is None:
+            return
+        for key in self._open_keys:
+            self.committed[key] = max(self.committed.get(key, -1), self._open_step)
+        self._open_step, self._open_keys = None, set()
+        staging = self.steps_path.with_suffix(".json.tmp")
+        staging.write_text(json.dumps(self.committed, sort_keys=True))
+        staging.replace(self.steps_path)
+
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        fresh = self._new(step, list(scalars))
+        if fresh:
+            self.run.log({key: scalars[key] for key in fresh}, step=step)
+
+    def log_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        fresh = self._new(step, list(images))
+        if fresh:
+            self.run.log({key: [self._image(image) for image in images[key]] for key in fresh}, step=step)
+
+    def _image(self, image: np.ndarray) -> Any:
+        pixels = np.clip(np.rint(np.asarray(image, np.float32) * 255), 0, 255).astype(np.uint8)
+        return self._wandb.Image(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+    def log_config(self, hparams: Mapping[str, Any]) -> None:
+        self.run.config.update(dict(hparams), allow_val_change=True)  # a resumed run may change e.g. num_epochs
+
+    def close(self) -> None:
+        self.run.finish()
+        self._commit()
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
