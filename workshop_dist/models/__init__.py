@@ -1,7 +1,9 @@
 """Generative models: the registry/factory and one module per model family."""
 
+from workshop_dist.models import dit as dit  # registers 'dit'
 from workshop_dist.models import flow as flow  # registers 'flow'
 from workshop_dist.models import pixelcnn as pixelcnn  # registers 'pixelcnn'
+from workshop_dist.models import unet as unet  # registers 'ddpm_unet'
 from workshop_dist.models import vae
 from workshop_dist.models.base import GenerativeModel
 from workshop_dist.models.config import ModelConfiguration

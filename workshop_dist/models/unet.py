@@ -1,0 +1,176 @@
+"""The DDPM U-Net (Ho et al., 2020), small enough for 8x8 digits on a CPU.
+
+Residual blocks with a time (and class) embedding added after the first convolution, one
+stride-2 downsampling between resolution levels, self-attention at the lowest resolution,
+and skip connections concatenated on the way up. The objective, bound and samplers are in
+:mod:`workshop_dist.models.diffusion`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import pydantic
+from flax import nnx
+
+from workshop_dist.config import ConfigError
+from workshop_dist.models.config import ModelConfiguration
+from workshop_dist.models.diffusion import (
+    DiffusionModel,
+    DiffusionParameters,
+    dense,
+    remat_policy,
+    timestep_embedding,
+)
+from workshop_dist.models.registry import register_model
+
+
+class UNetParameters(DiffusionParameters):
+    widths: list[int] = pydantic.Field([32, 64], min_length=1, description="Channels per resolution level.")
+    num_res_blocks: int = pydantic.Field(1, ge=1, description="Residual blocks per level (down path).")
+    attention_heads: int = pydantic.Field(4, ge=1, description="Heads of the lowest-resolution attention.")
+
+
+def conv(in_features: int, out_features: int, *, rngs: nnx.Rngs, kernel: int = 3, strides: int = 1,
+         zero: bool = False, param_dtype: Any = jnp.float32) -> nnx.Conv:
+    init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
+    return nnx.Conv(
+        in_features, out_features, kernel_size=(kernel, kernel), strides=(strides, strides), padding="SAME",
+        param_dtype=param_dtype, rngs=rngs,
+        kernel_init=nnx.with_partitioning(init, ("spatial", "spatial", "conv_in", "conv_out"), eager_sharding=False),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",), eager_sharding=False),
+    )
+
+
+def group_norm(features: int, *, rngs: nnx.Rngs, param_dtype: Any) -> nnx.GroupNorm:
+    groups = next(g for g in (8, 4, 2, 1) if features % g == 0)
+    return nnx.GroupNorm(features, num_groups=groups, param_dtype=param_dtype, rngs=rngs)
+
+
+class ResBlock(nnx.Module):
+    """GroupNorm-swish-conv twice, time embedding added in between; the second conv starts at 0."""
+
+    def __init__(self, in_features: int, out_features: int, embed_dim: int, *, rngs: nnx.Rngs, param_dtype: Any):
+        self.norm1 = group_norm(in_features, rngs=rngs, param_dtype=param_dtype)
+        self.conv1 = conv(in_features, out_features, rngs=rngs, param_dtype=param_dtype)
+        self.embed = dense(embed_dim, out_features, ("embed", "mlp"), rngs=rngs, param_dtype=param_dtype)
+        self.norm2 = group_norm(out_features, rngs=rngs, param_dtype=param_dtype)
+        self.conv2 = conv(out_features, out_features, rngs=rngs, zero=True, param_dtype=param_dtype)
+        self.skip = (
+            conv(in_features, out_features, kernel=1, rngs=rngs, param_dtype=param_dtype)
+            if in_features != out_features else None
+        )
+
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        h = self.conv1(nnx.swish(self.norm1(x)))
+        h = h + self.embed(nnx.swish(emb))[:, None, None, :]
+        h = self.conv2(nnx.swish(self.norm2(h)))
+        return h + (self.skip(x) if self.skip is not None else x)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention over the pixels of a feature map (residual, output starts at 0).
+
+    Used in the middle of the U-Net, i.e. at the lowest resolution only, where it is cheap.
+    """
+
+    def __init__(self, features: int, heads: int, *, rngs: nnx.Rngs, param_dtype: Any):
+        if features % heads:
+            raise ConfigError(f"ddpm_unet: attention width {features} is not divisible by {heads} heads")
+        self.heads = heads
+        self.norm = group_norm(features, rngs=rngs, param_dtype=param_dtype)
+        self.qkv = nnx.List(
+            [dense(features, features, ("embed", "heads"), rngs=rngs, param_dtype=param_dtype) for _ in range(3)]
+        )
+        self.out = dense(features, features, ("heads", "embed"), rngs=rngs, zero=True, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, emb: jax.Array | None = None) -> jax.Array:
+        batch, height, width, features = x.shape
+        h = self.norm(x).reshape(batch, height * width, features)
+        q, k, v = (layer(h).reshape(batch, height * width, self.heads, -1) for layer in self.qkv)
+        attended = jax.nn.dot_product_attention(q, k, v).reshape(batch, height * width, features)
+        return x + self.out(attended).reshape(x.shape)
+
+
+class UNet(nnx.Module):
+    """``(z, t, labels) -> out``: the denoising network."""
+
+    def __init__(self, hp: UNetParameters, channels: int, out_features: int, num_classes: int, remat: str, *,
+                 rngs: nnx.Rngs, param_dtype: Any):
+        kw = {"rngs": rngs, "param_dtype": param_dtype}
+        widths, base = hp.widths, hp.widths[0]
+        self.embed_dim = embed = 4 * base
+        self.remat = remat
+        self.time = nnx.List([dense(base, embed, ("embed", "mlp"), **kw), dense(embed, embed, ("mlp", "embed"), **kw)])
+        self.classes = (
+            nnx.Embed(num_classes + 1, embed, param_dtype=param_dtype, rngs=rngs) if num_classes else None
+        )
+        self.stem = conv(channels, base, **kw)
+        down: list[nnx.Module] = []
+        skips, width = [base], base
+        for level, out in enumerate(widths):
+            for _ in range(hp.num_res_blocks):
+                down.append(ResBlock(width, out, embed, **kw))
+                width = out
+                skips.append(width)
+            if level < len(widths) - 1:
+                down.append(conv(width, width, strides=2, **kw))
+                skips.append(width)
+        self.down = nnx.List(down)
+        self.middle = nnx.List(
+            [ResBlock(width, width, embed, **kw), Attention(width, hp.attention_heads, **kw), ResBlock(width, width, embed, **kw)]
+        )
+        up: list[nnx.Module] = []
+        for level, out in reversed(list(enumerate(widths))):
+            for _ in range(hp.num_res_blocks + 1):
+                up.append(ResBlock(width + skips.pop(), out, embed, **kw))
+                width = out
+            if level > 0:
+                up.append(conv(width, width, **kw))  # after nearest-neighbour upsampling
+        self.up = nnx.List(up)
+        self.head_norm = group_norm(width, **kw)
+        self.head = conv(width, out_features, zero=True, **kw)
+
+    def _block(self, block: nnx.Module, h: jax.Array, emb: jax.Array) -> jax.Array:
+        wrap = remat_policy(self.remat)
+        return wrap(lambda b, x, e: b(x, e))(block, h, emb) if wrap else block(h, emb)
+
+    def __call__(self, z: jax.Array, t: jax.Array, labels: jax.Array | None) -> jax.Array:
+        emb = self.time[1](nnx.swish(self.time[0](timestep_embedding(t, self.time[0].in_features))))
+        if self.classes is not None:
+            emb = emb + self.classes(labels)
+        h = self.stem(z)
+        skips = [h]
+        for layer in self.down:
+            h = self._block(layer, h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.middle:
+            h = self._block(layer, h, emb)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                h = self._block(layer, jnp.concatenate([h, skips.pop()], axis=-1), emb)
+            else:
+                h = layer(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
+        return self.head(nnx.swish(self.head_norm(h)))
+
+
+@register_model("ddpm_unet")
+class DDPMUNet(DiffusionModel):
+    """Diffusion model with the U-Net denoiser (``model.parameters``: :class:`UNetParameters`)."""
+
+    Parameters = UNetParameters
+
+    def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
+        super().__init__(config)
+        height, width, _ = self.image_shape
+        factor = 2 ** (len(self.hp.widths) - 1)
+        if height % factor or width % factor:
+            raise ConfigError(
+                f"ddpm_unet: {len(self.hp.widths)} widths halve the image {len(self.hp.widths) - 1} times, "
+                f"but {height}x{width} is not divisible by {factor}; use fewer widths"
+            )
+        self.network = UNet(
+            self.hp, self.channels, self.out_features, self.num_classes, self.remat, rngs=rngs, param_dtype=self.param_dtype
+        )
