@@ -1,4 +1,4 @@
-"""Run logs and metrics: a human log (console + file) and metric trackers (CLU, JSONL, W&B).
+"""Run logs and metrics: a human log (console + file) and metric trackers (TensorBoard, JSONL, W&B).
 
 Only the primary process (``jax.process_index() == 0``) writes files; the others log to the
 console only, so a multi-host run produces one set of logs.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,10 +78,10 @@ class Logger:
 class MetricsLogger:
     """Scalars, images and hyperparameters to the configured trackers (``logging.trackers``).
 
-    ``tensorboard``: event files through CLU; ``jsonl``: ``metrics.jsonl``; ``wandb``: a
-    Weights & Biases run (:class:`WandbTracker`). Every call writes through and flushes, so a
+    ``tensorboard``: event files (:mod:`workshop_dist.event_writer`); ``jsonl``: ``metrics.jsonl``;
+    ``wandb``: a Weights & Biases run (:class:`WandbTracker`). Every call writes through and flushes, so a
     killed run loses at most what was not yet logged. Call :meth:`close` at the end (it waits
-    for CLU's background writer and finishes the W&B run).
+    for the W&B run to finish).
     """
 
     def __init__(
@@ -102,10 +102,11 @@ class MetricsLogger:
             trackers = set(self.config.trackers)
             self.log_dir.mkdir(parents=True, exist_ok=True)
             if "tensorboard" in trackers:
-                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CLU imports TensorFlow: keep it quiet
-                from clu import metric_writers
+                # Event files without TensorFlow (CLU's writers import it, and it pins protobuf);
+                # writes are cheap and synchronous, so ``asynchronous`` changes nothing now.
+                from workshop_dist.event_writer import EventWriter
 
-                self._writer = metric_writers.create_default_writer(str(self.log_dir), asynchronous=asynchronous)
+                self._writer = EventWriter(self.log_dir)
             if "jsonl" in trackers:
                 self._jsonl = self.jsonl_path.open("a")
             if "wandb" in trackers:
@@ -196,7 +197,7 @@ class WandbTracker:
         self._wandb = wandb
         self.id_path = log_dir / "wandb_run_id"
         self.steps_path = log_dir / "wandb_steps.json"
-        run_id = self.id_path.read_text().strip() if self.id_path.exists() else wandb.util.generate_id()
+        run_id = self.id_path.read_text().strip() if self.id_path.exists() else uuid.uuid4().hex[:12]
         self.committed: dict[str, int] = json.loads(self.steps_path.read_text()) if self.steps_path.exists() else {}
         self._open_step: int | None = None
         self._open_keys: set[str] = set()
