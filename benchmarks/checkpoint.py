@@ -42,7 +42,7 @@ def main() -> None:
         model = create_model(ModelConfiguration(hidden_dims=[args.hidden, args.hidden], output_dim=16), rngs=nnx.Rngs(0))
         config = TrainingConfiguration(
             batch_size=64, num_epochs=1000, steps_per_epoch=args.steps, log_frequency=args.steps,
-            save_frequency=10**9, max_checkpoints=2, num_samples=0, async_checkpointing=mode == "async",
+            save_frequency=10**9, checkpoint={"max_to_keep": 2, "async_save": mode == "async"}, num_samples=0,
         )
         trainer = Trainer(model, config, images, None, workdir, mesh_config=mesh_config)
         size_mb = sum(x.nbytes for x in jax.tree.leaves(trainer.state)) / 2**20

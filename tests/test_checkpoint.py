@@ -36,7 +36,7 @@ def assert_same(a, b):
 
 
 def test_periodic_checkpoints_keep_the_latest_n(tmp_path):
-    trainer = make_trainer(tmp_path, steps_per_epoch=10, max_checkpoints=3)
+    trainer = make_trainer(tmp_path, steps_per_epoch=10, checkpoint={"max_to_keep": 3})
     trainer.train_epoch()
     trainer.checkpoints.wait()
     assert trainer.checkpoints.all_steps() == [6, 8, 10]
@@ -83,7 +83,7 @@ def test_best_checkpoint_survives_pruning_of_the_latest(tmp_path):
 
 
 def test_fit_keeps_the_best_validation_checkpoint(tmp_path):
-    trainer = make_trainer(tmp_path, num_epochs=4, steps_per_epoch=3, save_frequency=1, max_checkpoints=1)
+    trainer = make_trainer(tmp_path, num_epochs=4, steps_per_epoch=3, save_frequency=1, checkpoint={"max_to_keep": 1})
     trainer.fit()
     losses = {row["step"]: row["loss"] for row in trainer.val_metrics}
     best = min(losses, key=losses.get)

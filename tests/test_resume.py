@@ -26,7 +26,7 @@ RUN = [
     f"training.num_epochs={EPOCHS}",
     "training.save_frequency=4",
     "training.log_frequency=1",
-    "training.max_checkpoints=3",
+    "training.checkpoint.max_to_keep=3",
     "training.scheduler.warmup_steps=5",
     "training.num_samples=4",
 ]

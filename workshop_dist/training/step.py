@@ -78,8 +78,9 @@ class ModelCalls:
         if rng is not None and self.key_paths:
             streams = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)]
             for index, stream in enumerate(streams):  # streams derived from the run's key and step
-                stream.key[...] = jax.random.fold_in(rng, index)
-                stream.count[...] = jnp.zeros_like(stream.count[...])
+                impl = jax.random.key_impl(stream.key.get_value())
+                stream.key.set_value(jax.random.wrap_key_data(jax.random.fold_in(rng, index), impl=impl))
+                stream.count.set_value(jnp.zeros_like(stream.count.get_value()))
         return model
 
     def model_state(self, model: nnx.Module) -> Any:
