@@ -93,11 +93,9 @@ def run(args: argparse.Namespace) -> int:
     distributed.initialize(config.distributed)  # before anything else touches the devices
     enable_compilation_cache(config.training.compilation_cache_dir)
 
-    from flax import nnx
 
     from workshop_dist import data, parallel
     from workshop_dist.metrics import Logger
-    from workshop_dist.models import create_model
     from workshop_dist.training import Trainer
     from workshop_dist.training.preemption import PreemptionWatcher
 
@@ -114,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     parallel.check_batch_size(training.batch_size, mesh)
     logger.info(distributed.topology_summary(mesh, training.batch_size // _process_count()))
 
-    model = create_model(config.model, rngs=nnx.Rngs(training.seed))
+    model = config.model  # built abstractly, initialised straight into its shardings
     if args.dry_run:
         trainer = Trainer(model, training, train_input, None, None, logger=logger, mesh=mesh, mesh_config=config.mesh)
         return dry_run(trainer, next(train_input))

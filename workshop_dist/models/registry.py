@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import jax
+import jax.numpy as jnp
 import pydantic
 from flax import nnx
 
@@ -82,4 +83,10 @@ def create_model(config: ModelConfiguration, *, rngs: nnx.Rngs | int = 0) -> nnx
     cls = resolve_model_class(config.model_class)
     if isinstance(rngs, int):
         rngs = nnx.Rngs(rngs)
-    return cls(config, rngs=rngs)
+    model = cls(config, rngs=rngs)
+    if config.param_dtype != "float32":  # storage dtype of the master weights
+        dtype = jnp.dtype(config.param_dtype)
+        for _, param in nnx.iter_graph(model):
+            if isinstance(param, nnx.Param) and jnp.issubdtype(param.get_value().dtype, jnp.floating):
+                param.set_value(param.get_value().astype(dtype))
+    return model

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from workshop_dist import parallel
 from workshop_dist.config import ConfigError
+from workshop_dist.models import ModelConfiguration, create_model
 from workshop_dist.optim import create_optimizer, create_schedule
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.training import step as steps
@@ -34,13 +35,24 @@ class Engine:
 
     def __init__(
         self,
-        model: nnx.Module,
+        model: nnx.Module | ModelConfiguration,
         config: TrainingConfiguration,
         mesh: jax.sharding.Mesh,
         mesh_config: MeshConfiguration,
         total_steps: int | None,
+        *,
+        abstract: bool = False,
     ):
+        """``model`` is a built module (its params are copied onto the mesh) or a ModelConfiguration:
+        then the model is built abstractly and initialised by one jitted function straight into its
+        shardings, so no host or device ever holds a full copy. ``abstract=True`` creates no arrays
+        at all (ahead-of-time compilation for devices this machine does not have)."""
         self.config, self.mesh = config, mesh
+        build = None
+        if isinstance(model, ModelConfiguration):
+            model_config = model
+            build = lambda: create_model(model_config, rngs=nnx.Rngs(config.seed))  # noqa: E731
+            model = nnx.eval_shape(build)
         graphdef, params_state, model_state = nnx.split(model, nnx.Param, ...)
         compute = jnp.bfloat16 if config.precision == "bfloat16" else None
         self.calls = steps.ModelCalls.for_model(model, graphdef, nnx.to_pure_dict(model_state), compute)
@@ -57,7 +69,8 @@ class Engine:
         param_shardings = parallel.parameter_shardings(params, logical, mesh, mesh_config)
         opt_shapes = jax.eval_shape(self._init_opt_state, params)
         opt_shardings = self._opt_shardings(opt_shapes, param_shardings, replicated)
-        stored_model_state = self.calls.storable(nnx.to_pure_dict(model_state))
+        stored_model_state = jax.eval_shape(self.calls.storable, nnx.to_pure_dict(model_state))
+        ema_on = config.ema_decay is not None
         self.state_shardings = TrainingState(
             step=replicated,
             params=param_shardings,
@@ -65,22 +78,46 @@ class Engine:
             rng=replicated,
             best_loss=replicated,
             model_state=jax.tree.map(lambda _: replicated, stored_model_state),
-            ema_params=param_shardings if config.ema_decay is not None else None,
+            ema_params=param_shardings if ema_on else None,
+        )
+        shapes = TrainingState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=params,
+            opt_state=opt_shapes,
+            rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+            best_loss=jax.ShapeDtypeStruct((), jnp.float32),
+            model_state=stored_model_state,
+            ema_params=params if ema_on else None,
+        )
+        self.state_shapes = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings
         )
 
-        # --- The initial state, placed straight into its shardings ------------------------
-        placed = parallel.place(params, param_shardings)  # copies: the user's module stays usable
-        self.initial_state = TrainingState(
-            step=parallel.place(np.int32(0), replicated),
-            params=placed,
-            opt_state=jax.jit(self._init_opt_state, out_shardings=opt_shardings)(placed),
-            rng=parallel.place(jax.random.PRNGKey(config.seed), replicated),
-            best_loss=parallel.place(np.float32(np.inf), replicated),
-            model_state=parallel.place(stored_model_state, replicated),
-            ema_params=jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(placed)
-            if config.ema_decay is not None
-            else None,
-        )
+        # --- The initial state, created in its shardings ------------------------------------
+        self.initial_state: TrainingState | None = None
+        if not abstract:
+            if build is not None:  # sharded initialisation: each device computes only its shards
+                def init() -> tuple[Any, Any]:
+                    _, p, ms = nnx.split(build(), nnx.Param, ...)
+                    return nnx.to_pure_dict(p), self.calls.storable(nnx.to_pure_dict(ms))
+
+                placed, placed_model_state = jax.jit(
+                    init, out_shardings=(param_shardings, self.state_shardings.model_state)
+                )()
+            else:
+                placed = parallel.place(nnx.to_pure_dict(params_state), param_shardings)  # a copy: the module stays usable
+                placed_model_state = parallel.place(self.calls.storable(nnx.to_pure_dict(model_state)), replicated)
+            self.initial_state = TrainingState(
+                step=parallel.place(np.int32(0), replicated),
+                params=placed,
+                opt_state=jax.jit(self._init_opt_state, out_shardings=opt_shardings)(placed),
+                rng=parallel.place(jax.random.PRNGKey(config.seed), replicated),
+                best_loss=parallel.place(np.float32(np.inf), replicated),
+                model_state=placed_model_state,
+                ema_params=jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(placed)
+                if ema_on
+                else None,
+            )
 
         # --- Compiled functions -----------------------------------------------------------
         self.batch_sharding = parallel.batch_sharding(mesh)
@@ -136,9 +173,8 @@ class Engine:
         )
 
     def initial_state_shapes(self) -> TrainingState:
-        return jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.initial_state, self.state_shardings
-        )
+        """The state as sharded ``ShapeDtypeStruct`` s (restore targets, lowering)."""
+        return self.state_shapes
 
     def train_steps(self, state: TrainingState, batches: Batch) -> tuple[TrainingState, jax.Array]:
         """``n`` steps on batches stacked ``[n, B, ...]`` (global arrays); metrics ``[n, len(metric_names)]``."""

@@ -46,7 +46,7 @@ class ModelCalls:
     @classmethod
     def for_model(cls, model: nnx.Module, graphdef: nnx.GraphDef, model_state: Any, compute_dtype: Any) -> ModelCalls:
         keys = {
-            path: jax.random.key_impl(leaf)
+            path: _key_impl(leaf)
             for path, leaf in _leaves(model_state)
             if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
         }
@@ -310,6 +310,13 @@ def make_sample_fn(calls: ModelCalls) -> Callable[..., jax.Array]:
         return model.sample(rng, num_samples, **kwargs)
 
     return sample
+
+
+def _key_impl(leaf: Any) -> Any:
+    """The PRNG implementation of a typed key array (or of its abstract shape)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf.dtype._impl
+    return jax.random.key_impl(leaf)
 
 
 def _leaves(tree: Any) -> list[tuple[tuple, Any]]:
