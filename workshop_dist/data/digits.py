@@ -64,9 +64,10 @@ def prepare_digits(data_dir: str | Path) -> Path:
 
 
 def _build(data_dir: Path) -> None:
-    import tensorflow_datasets as tfds
+    from workshop_dist._deps import require_tfds
 
-    from workshop_dist.data.digits_tfds import WorkshopDigits
+    tfds = require_tfds("prepare the built-in digits data set")
+    from workshop_dist.data.digits_tfds import WorkshopDigits  # imports TFDS: after the check
 
     builder = WorkshopDigits(data_dir=os.fspath(data_dir), file_format="array_record")
     # try_download_gcs=False: never ask GCS for a prebuilt copy (no network at run time).

@@ -26,6 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from workshop_dist._deps import require_tfds
 from workshop_dist.config import ConfigError
 from workshop_dist.data import digits
 from workshop_dist.data.config import DataConfiguration
@@ -139,8 +140,7 @@ def tfds_data_source(name: str, split: str, data_dir: Path, *, download: bool) -
     TFDS's own error for an unprepared dataset with ``download=False`` talks about the
     TFRECORD format, so on failure we look at the data dir ourselves and explain.
     """
-    import tensorflow_datasets as tfds
-
+    tfds = require_tfds("read TFDS datasets")
     if download:
         return tfds.data_source(
             name,
