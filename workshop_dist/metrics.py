@@ -180,11 +180,12 @@ class WandbTracker:
     """One Weights & Biases run per workdir, continued across restarts with no repeated steps.
 
     The run id lives in ``LOG_DIR/wandb_run_id`` and W&B's files in ``LOG_DIR/wandb``. A
-    resumed job starts again after its last checkpoint, so it re-logs steps the killed
-    process already sent; ``LOG_DIR/wandb_steps.json`` keeps, per metric, the last step W&B
-    has committed, and values at or before it are dropped. (W&B commits a step's row when a
-    later step is logged or the run finishes; a row still open when the process died is
-    re-logged, not lost.)
+    resumed job starts again after its last checkpoint, so it would re-log steps that the
+    stopped process already logged; ``LOG_DIR/wandb_steps.json`` keeps, per metric, the last
+    step of each cleanly finished process (preempted runs finish cleanly), and values at or
+    before it are dropped, as are repeats within a process. After a hard kill nothing is
+    recorded: W&B buffers its writes, so what the killed process logged may be gone, and the
+    resumed process logs those steps again (W&B itself ignores any it already had).
     """
 
     def __init__(self, log_dir: Path, config: WandbConfiguration):
@@ -198,9 +199,7 @@ class WandbTracker:
         self.id_path = log_dir / "wandb_run_id"
         self.steps_path = log_dir / "wandb_steps.json"
         run_id = self.id_path.read_text().strip() if self.id_path.exists() else uuid.uuid4().hex[:12]
-        self.committed: dict[str, int] = json.loads(self.steps_path.read_text()) if self.steps_path.exists() else {}
-        self._open_step: int | None = None
-        self._open_keys: set[str] = set()
+        self.last_step: dict[str, int] = json.loads(self.steps_path.read_text()) if self.steps_path.exists() else {}
         self.run = wandb.init(
             project=config.project,
             entity=config.entity,
@@ -217,24 +216,10 @@ class WandbTracker:
         self.id_path.write_text(run_id + "\n")
 
     def _new(self, step: int, keys: list[str]) -> list[str]:
-        """Of ``keys``, those not yet committed at ``step``; commits the open row if ``step`` moves on."""
-        if self._open_step is not None and step > self._open_step:
-            self._commit()
-        fresh = [key for key in keys if step > self.committed.get(key, -1)]
-        if fresh:
-            self._open_step = step if self._open_step is None else max(self._open_step, step)
-            self._open_keys.update(fresh)
+        """Of ``keys``, those not yet logged at ``step`` or later."""
+        fresh = [key for key in keys if step > self.last_step.get(key, -1)]
+        self.last_step.update(dict.fromkeys(fresh, step))
         return fresh
-
-    def _commit(self) -> None:
-        if self._open_step is None:
-            return
-        for key in self._open_keys:
-            self.committed[key] = max(self.committed.get(key, -1), self._open_step)
-        self._open_step, self._open_keys = None, set()
-        staging = self.steps_path.with_suffix(".json.tmp")
-        staging.write_text(json.dumps(self.committed, sort_keys=True))
-        staging.replace(self.steps_path)
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         fresh = self._new(step, list(scalars))
@@ -254,8 +239,11 @@ class WandbTracker:
         self.run.config.update(dict(hparams), allow_val_change=True)  # a resumed run may change e.g. num_epochs
 
     def close(self) -> None:
+        """Finish the run (W&B writes everything out), then record the steps it now holds."""
         self.run.finish()
-        self._commit()
+        staging = self.steps_path.with_suffix(".json.tmp")
+        staging.write_text(json.dumps(self.last_step, sort_keys=True))
+        staging.replace(self.steps_path)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
