@@ -238,3 +238,10 @@ def test_report_after_sigterm_and_resume_end_to_end(tmp_path):
     result = StreamedProcess([sys.executable, "-m", "workshop_dist.cli", "--report", str(workdir)], env=env, cwd=REPO)
     assert result.finish() == 0
     assert "goodput" in result.output and "after preemption" in result.output
+
+
+def test_readme_shows_the_report_of_the_synthetic_run(synthetic):
+    readme = (REPO / "README.md").read_text()
+    shown = readme.split("**Run report.**", 1)[1].split("```\n", 1)[1].split("```", 1)[0].splitlines()
+    actual = format_report(compute_report(synthetic)).replace(str(synthetic), "runs/vae").splitlines()
+    assert [line for line in shown if "status" not in line] == [line for line in actual if "status" not in line]

@@ -293,3 +293,13 @@ def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(WorkshopError, match=r"pip install 'workshop-dist\[wandb\]'"):
         MetricsLogger(tmp_path, config=LoggingConfiguration(trackers=["wandb"]))
+
+
+def test_readme_logging_example_is_a_valid_config():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("**Trackers.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    from workshop_dist.config import parse_yaml
+
+    config = ExperimentConfiguration.from_dict(parse_yaml(block))
+    assert config.logging.trackers == ["tensorboard", "jsonl", "wandb"]
+    assert config.logging.wandb.tags == ["baseline"]
