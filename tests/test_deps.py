@@ -4,8 +4,13 @@ TensorBoard event files need no TensorFlow."""
 import subprocess
 import sys
 import textwrap
+import tomllib
+from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from workshop_dist._deps import DependencyError, require, require_tfds
 from workshop_dist.config import WorkshopError
@@ -122,3 +127,21 @@ def test_event_files_need_no_tensorflow(tmp_path):
         "True",
         "False",
     ]
+
+
+def test_lower_bounds_file_pins_every_lower_bound():
+    """.ci/lower-bounds.txt (the Python 3.11 CI leg) pins exactly pyproject's ``>=`` bounds."""
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    bounds = {}
+    for line in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        requirement = Requirement(line)
+        [minimum] = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        bounds[canonicalize_name(requirement.name)] = Version(minimum)
+    pins = {}
+    for line in (root / ".ci" / "lower-bounds.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = Version(version)
+    pins.pop("jaxlib")  # jax's own dependency, pinned beside it
+    assert pins == bounds
