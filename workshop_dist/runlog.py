@@ -93,8 +93,9 @@ class RunLog:
         """``seconds`` spent on ``kind`` ending at ``step``.
 
         ``train`` is the time of the steps since the last ``train`` event (log it at every
-        metrics read, so the log also shows progress); ``save`` is the time the loop was
-        blocked by a save; ``eval`` carries the validation loss.
+        metrics read, so the log also shows progress), without compilation (log that as
+        ``compile``); ``save`` is the time the loop was blocked by a save; ``eval`` carries the
+        validation loss. The kinds must not overlap: the report adds them up against wall time.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown timing kind {kind!r}; expected one of {', '.join(KINDS)}")
