@@ -1,4 +1,4 @@
-"""Step overhead: the Trainer against a bare jitted loop and an idiomatic NNX loop.
+"""Step overhead: the Trainer against a bare jitted loop doing the same work (and an idiomatic NNX loop).
 
 Same model, same host batches (placed on the mesh every step), same mesh, and the same optax
 transformation (the packaged default config's: adam, clip-by-global-norm 10, cosine schedule):
@@ -7,11 +7,18 @@ transformation (the packaged default config's: adam, clip-by-global-norm 10, cos
   (c) nnx.jit + nnx.Optimizer (the idiomatic Flax NNX loop)
 Prints steps/s of each and the ratios a/b and a/c: the median of the ratios measured within
 each repetition, and their range (target: a/b >= 0.97).
+
+``--variants`` adds the same comparison with an option on in both loops: ``ema`` (EMA of the
+params, decay 0.999), ``accum4`` (4 micro-batches per step), and ``fast``: the Trainer with
+``training.data_on_device`` and ``training.steps_per_call`` against the fastest hand-written loop
+(the data set staged on the mesh once, ``--steps-per-call`` steps per jitted call via lax.scan,
+batches gathered on the device).
 All three keep at most ``max_steps_in_flight`` (2) steps queued, as the Trainer does: on
 simulated CPU devices an unbounded queue of steps with collectives deadlocks XLA:CPU.
 
     python benchmarks/step_overhead.py                   # tiny and default model, 8 simulated CPU devices
     python benchmarks/step_overhead.py --devices 0       # real devices (e.g. a GPU)
+    python benchmarks/step_overhead.py --variants base,ema,accum4,fast --devices 1
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--no-clip", action="store_true", help="Drop the default config's gradient clipping (all three loops)."
     )
+    parser.add_argument("--variants", default="base", help="Comma list of: base, ema, accum4, fast.")
+    parser.add_argument("--steps-per-call", type=int, default=20, help="Steps per call of the 'fast' variant.")
     return parser.parse_args()
 
 
@@ -63,20 +72,28 @@ def main() -> None:
     clip = "no clipping" if args.no_clip else "clip-by-norm 10"
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} | mesh {dict(mesh.shape)} | "
           f"batch {args.batch_size} | adam, {clip}, cosine | {args.steps} steps x {args.repeats} repeats")
-    for name in args.models.split(","):
-        loops = {
-            "a": trainer_loop(name, batches, mesh, mesh_config, args),
-            "b": bare_loop(name, batches, mesh, mesh_config, args),
-            "c": nnx_loop(name, batches, mesh, mesh_config, args),
-        }
-        rates, ratios = measure(loops, args.repeats)
-        ab, ac = ratios["a/b"], ratios["a/c"]
-        print(
-            f"{name:>8}: (a) Trainer {rates['a']:7.1f} steps/s | (b) split+jit {rates['b']:7.1f} | "
-            f"(c) nnx.jit {rates['c']:7.1f} | a/b = {statistics.median(ab):.3f} "
-            f"[{min(ab):.3f}..{max(ab):.3f}] | a/c = {statistics.median(ac):.3f} [{min(ac):.3f}..{max(ac):.3f}]"
-        )
-        sys.stdout.flush()
+    for variant in args.variants.split(","):
+        for name in args.models.split(","):
+            if variant == "fast":
+                loops = {
+                    "a": trainer_loop(name, batches, mesh, mesh_config, args, variant),
+                    "b": fast_loop(name, images, mesh, mesh_config, args),
+                }
+            else:
+                loops = {
+                    "a": trainer_loop(name, batches, mesh, mesh_config, args, variant),
+                    "b": bare_loop(name, batches, mesh, mesh_config, args, variant),
+                }
+                if variant == "base":
+                    loops["c"] = nnx_loop(name, batches, mesh, mesh_config, args)
+            rates, ratios = measure(loops, args.repeats)
+            line = f"{variant:>6} {name:>8}: (a) Trainer {rates['a']:7.1f} steps/s | (b) bare {rates['b']:7.1f}"
+            if "c" in rates:
+                line += f" | (c) nnx.jit {rates['c']:7.1f}"
+            for key, values in ratios.items():
+                line += f" | {key} = {statistics.median(values):.3f} [{min(values):.3f}..{max(values):.3f}]"
+            print(line)
+            sys.stdout.flush()
 
 
 def measure(loops: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -95,10 +112,7 @@ def measure(loops: dict, repeats: int) -> tuple[dict[str, float], dict[str, list
             start = time.perf_counter()
             steps = loops[key]()
             rates[key].append(steps / (time.perf_counter() - start))
-    ratios = {
-        "a/b": [a / b for a, b in zip(rates["a"], rates["b"], strict=True)],
-        "a/c": [a / c for a, c in zip(rates["a"], rates["c"], strict=True)],
-    }
+    ratios = {f"a/{key}": [a / x for a, x in zip(rates["a"], rates[key], strict=True)] for key in loops if key != "a"}
     return {key: statistics.median(values) for key, values in rates.items()}, ratios
 
 
@@ -110,11 +124,19 @@ def _model(name: str):
     return create_model(ModelConfiguration(**MODELS[name]), rngs=nnx.Rngs(0))
 
 
-def training_config(args, steps_per_epoch: int):
+VARIANTS = {
+    "base": [],
+    "ema": ["training.ema_decay=0.999"],
+    "accum4": ["training.grad_accum_steps=4"],
+    "fast": ["training.data_on_device=true"],
+}
+
+
+def training_config(args, steps_per_epoch: int, variant: str = "base"):
     """The packaged default's training section (adam, clip-by-norm 10, cosine), sized for the benchmark."""
     from workshop_dist.cli import load_config
 
-    overrides = [
+    overrides = [*VARIANTS[variant],
         f"training.batch_size={args.batch_size}",
         f"training.steps_per_epoch={steps_per_epoch}",
         "training.num_epochs=1000000",
@@ -123,6 +145,8 @@ def training_config(args, steps_per_epoch: int):
     ]
     if args.no_clip:
         overrides.append("training.optimizer.gradient_clip_norm=null")
+    if variant == "fast":
+        overrides.append(f"training.steps_per_call={args.steps_per_call}")
     return load_config(None, overrides).training
 
 
@@ -135,11 +159,16 @@ def _tx(config):
     return create_optimizer(config.effective_optimizer(), schedule)
 
 
-def trainer_loop(name, batches, mesh, mesh_config, args):
-    from workshop_dist import Trainer
+def trainer_loop(name, batches, mesh, mesh_config, args, variant="base"):
+    import logging
 
-    config = training_config(args, len(batches))
-    trainer = Trainer(_model(name), config, lambda _: batches, None, workdir=None, mesh=mesh, mesh_config=mesh_config)
+    from workshop_dist import Trainer
+    from workshop_dist.metrics import Logger
+
+    config = training_config(args, len(batches), variant)
+    data = fast_data(args) if variant == "fast" else (lambda _: batches)
+    quiet = Logger(None, level=logging.WARNING)
+    trainer = Trainer(_model(name), config, data, None, workdir=None, logger=quiet, mesh=mesh, mesh_config=mesh_config)
 
     def run_epoch() -> int:
         before = trainer.step
@@ -149,9 +178,9 @@ def trainer_loop(name, batches, mesh, mesh_config, args):
     return run_epoch
 
 
-def bare_loop(name, batches, mesh, mesh_config, args):
+def bare_state(name, mesh, mesh_config, tx, ema: bool):
+    """Params and optimizer state placed like the Trainer's (plus an EMA copy when asked)."""
     import jax
-    import optax
     from flax import nnx
 
     from workshop_dist import parallel
@@ -159,28 +188,64 @@ def bare_loop(name, batches, mesh, mesh_config, args):
     graphdef, params_state, rest = nnx.split(_model(name), nnx.Param, ...)
     params = nnx.to_pure_dict(params_state)
     shardings = parallel.parameter_shardings(params, nnx.to_pure_dict(nnx.get_partition_spec(params_state)), mesh, mesh_config)
-    tx = _tx(training_config(args, len(batches)))
     replicated = parallel.replicated(mesh)
     opt_shardings = parallel.optimizer_state_shardings(tx, jax.eval_shape(tx.init, params), shardings, replicated)
     params = parallel.place(params, shardings)
-    state = (params, jax.jit(tx.init, out_shardings=opt_shardings)(params))
-    rest = nnx.to_pure_dict(rest)
-    key = jax.random.PRNGKey(0)
+    state = (params, jax.jit(tx.init, out_shardings=opt_shardings)(params), parallel.place(params, shardings) if ema else None)
+    return graphdef, nnx.to_pure_dict(rest), state, (shardings, opt_shardings, shardings if ema else None)
+
+
+def bare_update(graphdef, rest, tx, key, accum: int, ema_decay: float | None):
+    """One hand-written step: value_and_grad (over micro-batches), optax update, EMA."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    def grads_of(params, batch, rng):
+        def loss_fn(p):
+            return nnx.merge(graphdef, p, rest).loss(batch, rng)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def step(state, batch, step_index):
-        params, opt_state = state
+        params, opt_state, ema = state
+        rng = jax.random.fold_in(key, step_index)
+        if accum == 1:
+            (loss, _), grads = grads_of(params, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-        def loss_fn(p):
-            return nnx.merge(graphdef, p, rest).loss(batch, jax.random.fold_in(key, step_index))
+            def body(carry, inputs):
+                (loss, _), grads = grads_of(params, inputs[1], jax.random.fold_in(rng, inputs[0]))
+                return (jax.tree.map(jnp.add, carry[0], grads), carry[1] + loss), None
 
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()))
+            (grads, loss), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            grads, loss = jax.tree.map(lambda g: g / accum, grads), loss / accum
         updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+        params = optax.apply_updates(params, updates)
+        if ema is not None:
+            ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+        return (params, opt_state, ema), loss
 
+    return step
+
+
+def bare_loop(name, batches, mesh, mesh_config, args, variant="base"):
+    import jax
+
+    from workshop_dist import parallel
+
+    config = training_config(args, len(batches), variant)
+    tx = _tx(config)
+    graphdef, rest, state, shardings = bare_state(name, mesh, mesh_config, tx, config.ema_decay is not None)
+    replicated = parallel.replicated(mesh)
+    step = bare_update(graphdef, rest, tx, jax.random.PRNGKey(0), config.grad_accum_steps, config.ema_decay)
     jitted = jax.jit(
         step,
-        in_shardings=((shardings, opt_shardings), parallel.batch_sharding(mesh), replicated),
-        out_shardings=((shardings, opt_shardings), replicated),
+        in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
+        out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
     counter = [0]
@@ -197,6 +262,61 @@ def bare_loop(name, batches, mesh, mesh_config, args):
                 queued.popleft().block_until_ready()
         jax.block_until_ready(queued[-1])
         return len(batches)
+
+    return run_epoch
+
+
+def fast_data(args):
+    """The digits tiled to ``steps`` batches per epoch: in memory, for data on the device."""
+    import numpy as np
+
+    images = digits_images()
+    return np.concatenate([images] * (-(-args.steps * args.batch_size // len(images))))[: args.steps * args.batch_size]
+
+
+def fast_loop(name, images, mesh, mesh_config, args):
+    """The fastest hand-written loop: data on the mesh once, n steps per call (lax.scan), on-device gathers."""
+    import jax
+    import numpy as np
+
+    from workshop_dist import parallel
+
+    config = training_config(args, args.steps, "fast")
+    tx = _tx(config)
+    graphdef, rest, state, shardings = bare_state(name, mesh, mesh_config, tx, False)
+    replicated = parallel.replicated(mesh)
+    data = parallel.place(fast_data(args), replicated)
+    step = bare_update(graphdef, rest, tx, jax.random.PRNGKey(0), 1, None)
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    def steps(state, data, indices, first):
+        def body(carry, index):
+            state, count = carry
+            batch = {"image": jax.lax.with_sharding_constraint(data[index], batch_sharding)}
+            state, loss = step(state, batch, count)
+            return (state, count + 1), loss
+
+        (state, _), losses = jax.lax.scan(body, (state, first), indices)
+        return state, losses
+
+    jitted = jax.jit(steps, in_shardings=(shardings, replicated, replicated, replicated),
+                     out_shardings=(shardings, replicated), donate_argnums=0)
+    n = args.steps_per_call
+    order = np.random.default_rng(0).permutation(args.steps * args.batch_size).reshape(-1, args.batch_size)
+    counter = [0]
+
+    def run_epoch() -> int:
+        nonlocal state
+        queued = collections.deque()
+        for start in range(0, args.steps, n):
+            indices = jax.device_put(order[start : start + n].astype(np.int32), replicated)
+            state, losses = jitted(state, data, indices, np.int32(counter[0]))
+            counter[0] += n
+            queued.append(losses)
+            if len(queued) > IN_FLIGHT:
+                queued.popleft().block_until_ready()
+        jax.block_until_ready(queued[-1])
+        return args.steps
 
     return run_epoch
 

@@ -46,7 +46,7 @@ class TwoGroupModel(GenerativeModel):
         return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss}
 
     def sample(self, rng, num_samples, *, labels=None, **options):
-        return jnp.broadcast_to(self.generator[...], (num_samples, 4))
+        return jnp.broadcast_to(self.generator[...].reshape(2, 2, 1), (num_samples, 2, 2, 1))
 
 
 class DropoutModel(GenerativeModel):

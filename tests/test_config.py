@@ -10,10 +10,12 @@ from typing import Any
 import pydantic
 import pytest
 
+from workshop_dist.checkpoint import CheckpointConfiguration
 from workshop_dist.config import ConfigError, WorkshopError, apply_overrides, read_config_file
 from workshop_dist.data import DataConfiguration
 from workshop_dist.distributed import DistributedConfiguration
 from workshop_dist.experiment import ExperimentConfiguration
+from workshop_dist.logging_config import LoggingConfiguration, WandbConfiguration
 from workshop_dist.models import ModelConfiguration
 from workshop_dist.optim import (
     OPTIMIZER_FIELD_USERS,
@@ -23,6 +25,7 @@ from workshop_dist.optim import (
 )
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.training import TrainingConfiguration
+from workshop_dist.training.config import GroupOptimizerConfiguration
 
 
 def packaged_default_path() -> Path:
@@ -55,6 +58,8 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             hidden_dims=[32, 64],
             output_dim=8,
             parameters={"beta": 0.5, "kernel": [3, 3], "note": "text", "nested": {"a": 1, "b": False}},
+            param_dtype="bfloat16",
+            remat="dots_saveable",
         ),
         training=TrainingConfiguration(
             name="full_run",
@@ -76,8 +81,30 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             save_frequency=50,
             log_frequency=5,
             eval_frequency=25,
-            checkpoint_dir="/tmp/checkpoints",
-            max_checkpoints=2,
+            checkpoint=CheckpointConfiguration(
+                directory="/tmp/checkpoints", max_to_keep=2, async_save=False, replica_parallel=True
+            ),
+            optimizers={
+                "generator": GroupOptimizerConfiguration(
+                    name="g",
+                    optimizer_type=optimizer,
+                    learning_rate=1e-3,
+                    weight_decay=1e-5,
+                    gradient_clip_norm=1.0,
+                    gradient_clip_value=0.5,
+                    **FULL_OPTIMIZER_FIELDS[optimizer],
+                    scheduler=SchedulerConfiguration(
+                        name="g_sched", scheduler_type=scheduler, warmup_steps=2, **FULL_SCHEDULER_FIELDS[scheduler]
+                    ),
+                )
+            },
+            ema_decay=0.99,
+            ema_start_step=10,
+            eval_with_ema=False,
+            grad_accum_steps=2,
+            precision="bfloat16",
+            steps_per_call=2,
+            data_on_device=True,
             max_steps=300,
             steps_per_epoch=100,
             seed=1234,
@@ -85,8 +112,6 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             num_samples=16,
             resume=False,
             restore_from="/tmp/other_run",
-            async_checkpointing=False,
-            replica_parallel_checkpoints=True,
             profile_steps=(10, 5),
             compilation_cache_dir="/tmp/jax_cache",
             max_steps_in_flight=3,
@@ -108,6 +133,13 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
         ),
         mesh=MeshConfiguration(
             data=2, fsdp=2, tensor=2, dcn_data=2, logical_axis_rules={"embed": "fsdp"}, fsdp_min_size=10
+        ),
+        logging=LoggingConfiguration(
+            trackers=["jsonl", "wandb"],
+            console="verbose",
+            wandb=WandbConfiguration(
+                project="p", entity="e", name="n", group="g", tags=["t"], notes="x", mode="offline"
+            ),
         ),
         distributed=DistributedConfiguration(
             coordinator_address="10.0.0.1:1234",

@@ -206,7 +206,6 @@ def test_cli_report(synthetic, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="engine wiring pending: the trainer does not call RunLog yet")
 def test_report_after_sigterm_and_resume_end_to_end(tmp_path):
     from workshop_dist.training.preemption import EXIT_PREEMPTED
 

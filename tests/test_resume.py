@@ -116,3 +116,42 @@ def test_sigkill_at_any_moment_even_mid_save_resumes_bit_identically(tmp_path, r
     assert f"Resumed from {ckpts}/{last_complete}" in run.output
     assert not [p for p in ckpts.iterdir() if ".orbax-checkpoint-tmp" in p.name]  # cleaned up
     assert_identical(read_checkpoint(ckpts / str(FINAL)), reference)
+
+
+ENGINE_OPTIONS = {
+    "ema_accum_bf16_fast": [
+        "training.ema_decay=0.99",
+        "training.grad_accum_steps=2",
+        "training.precision=bfloat16",
+        "training.steps_per_call=3",
+        "training.data_on_device=true",
+    ],
+    "two_optimizers": [
+        "model.model_class=tests.engine_models.TwoGroupModel",
+        "training.optimizer.gradient_clip_norm=null",
+        "training.optimizers={generator: {learning_rate: 0.01}, discriminator: {optimizer_type: sgd, learning_rate: 0.02}}",
+        "training.ema_decay=0.9",
+    ],
+}
+
+
+@pytest.mark.parametrize("options", list(ENGINE_OPTIONS), ids=list(ENGINE_OPTIONS))
+def test_sigterm_resume_is_bit_identical_with_engine_options(tmp_path, options):
+    extra = ENGINE_OPTIONS[options]
+    full = tmp_path / "full"
+    run = Run(full, *extra)
+    assert run.finish() == 0, run.output[-3000:]
+    workdir = tmp_path / "run"
+    run = Run(workdir, *extra)
+    run.wait_for("train step 9:")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == EXIT_PREEMPTED, run.output[-3000:]
+    stopped = steps(workdir)[-1]
+    assert stopped < FINAL
+    run = Run(workdir, *extra)
+    assert run.finish() == 0, run.output[-3000:]
+    assert f"Resumed from {workdir / 'checkpoints'}/{stopped}" in run.output
+    resumed = checkpoint_arrays(workdir / "checkpoints" / str(FINAL))
+    if options != "two_optimizers":
+        assert any("ema_params" in name for name in resumed)
+    assert_identical(resumed, checkpoint_arrays(full / "checkpoints" / str(FINAL)))

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 
     from workshop_dist import data, parallel
-    from workshop_dist.metrics import Logger
+    from workshop_dist.metrics import Logger, MetricsLogger
     from workshop_dist.training import Trainer
     from workshop_dist.training.preemption import PreemptionWatcher
 
@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         val_input,
         workdir,
         logger=logger,
+        metrics_logger=MetricsLogger(workdir / "logs", config=config.logging),
         mesh=mesh,
         mesh_config=config.mesh,
         experiment_config=config.model_dump(mode="json"),

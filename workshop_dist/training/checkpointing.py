@@ -81,10 +81,11 @@ class CheckpointMixin:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Load a checkpoint directory (from :meth:`save_checkpoint` or a run's ``checkpoints/<step>``)."""
+        start = time.perf_counter()
         state, metadata, data_restored = ckpt.load_checkpoint_dir(
             path, self.engine.initial_state_shapes(), data_iterator=self._data_iterator
         )
-        self._adopt(state, metadata, data_restored)
+        self._adopt(state, metadata, data_restored, time.perf_counter() - start)
 
     def restore(self, step: int | None = None) -> int | None:
         """Continue from the latest readable checkpoint in the checkpoint dir (or ``step``).
@@ -93,15 +94,18 @@ class CheckpointMixin:
         """
         if self.checkpoint_dir is None or not self.checkpoints.all_steps():
             return None
+        start = time.perf_counter()
         state, metadata, restored, data_restored = self.checkpoints.restore(
             self.engine.initial_state_shapes(), data_iterator=self._data_iterator, step=step
         )
-        self._adopt(state, metadata, data_restored)
+        self._adopt(state, metadata, data_restored, time.perf_counter() - start)
         return restored
 
-    def _adopt(self, state: Any, metadata: Mapping[str, Any], data_restored: bool) -> None:
+    def _adopt(self, state: Any, metadata: Mapping[str, Any], data_restored: bool, seconds: float) -> None:
         self.state = state
-        self.step = int(jax.device_get(state.step))
+        self.step = self.restored_from = int(jax.device_get(state.step))
+        if self.runlog is not None:
+            self.runlog.timed("restore", seconds, self.step)
         self._best_loss = float(jax.device_get(state.best_loss))
         self.train_seconds = float(metadata.get("train_seconds", 0.0))
         self.epochs_done = int(metadata.get("epoch", 0))

@@ -37,12 +37,17 @@ class StepMetrics:
         self._start = (0, time.perf_counter())
         self._paused: dict[str, float] = collections.defaultdict(float)
         self.waited = {"data_wait_time": 0.0, "device_wait_time": 0.0}
+        self.on_time: Callable[[str, float], None] | None = None  # (kind, seconds): the run log
 
     @property
     def unread(self) -> int:
         """Steps whose metrics are still on the device."""
         pending = sum(int(m.shape[0]) for m in self._pending)
         return pending + (int(self._in_flight[1].shape[0]) if self._in_flight else 0)
+
+    @property
+    def interval_started(self) -> float:
+        return self._start[1]
 
     def restart_interval(self, step: int) -> None:
         self._start = (step, time.perf_counter())
@@ -77,7 +82,12 @@ class StepMetrics:
         try:
             yield
         finally:
-            self._paused[kind] += time.perf_counter() - start
+            self.add_pause(kind, time.perf_counter() - start)
+
+    def add_pause(self, kind: str, seconds: float) -> None:
+        self._paused[kind] += seconds
+        if self.on_time is not None:
+            self.on_time(kind, seconds)
 
     def start_read(self, step: int) -> None:
         """Start copying this interval's metrics to the host (read at the next call)."""
@@ -102,6 +112,8 @@ class StepMetrics:
         steps = max(step - start_step, 1)
         paused = sum(self._paused.values())
         elapsed = max(now - start_time - paused, 1e-9)
+        if self.on_time is not None:
+            self.on_time("train", elapsed)
         summary = average(rows)
         summary["step_time"] = elapsed / steps
         summary["examples_per_second"] = steps * self.batch_size / elapsed

@@ -21,11 +21,12 @@ from workshop_dist import hardware, parallel
 from workshop_dist.config import WorkshopError
 from workshop_dist.metrics import Logger, MetricsLogger, ProgressBar, is_primary
 from workshop_dist.parallel import MeshConfiguration
+from workshop_dist.runlog import RunLog
 from workshop_dist.training import evaluation, inputs, loop
 from workshop_dist.training.checkpointing import CheckpointMixin
 from workshop_dist.training.config import TrainingConfiguration
 from workshop_dist.training.engine import Engine
-from workshop_dist.training.preemption import PreemptionWatcher
+from workshop_dist.training.preemption import Preempted, PreemptionWatcher
 from workshop_dist.training.reporting import StepMetrics, average
 
 LogCallback = Callable[[int, dict[str, float], str], None]
@@ -109,7 +110,13 @@ class Trainer(CheckpointMixin):
         self.profile_marks = (profile[0], profile[0] + profile[1]) if profile and self.workdir else ()
         self.last_eval_step = -1
         self.last_save_step = -1
+        self.restored_from: int | None = None
         self.init_checkpoints()
+        # The run log (WORKDIR/logs/run_events.jsonl): where the time went, for ``--report``.
+        self.runlog = RunLog(self.workdir, enabled=is_primary()) if self.workdir else None
+        if self.runlog is not None:
+            kinds = {"train": "train", "checkpoint": "save", "sample": "sample", "compile": "compile"}
+            self.metrics.on_time = lambda kind, seconds: kind in kinds and self.runlog.timed(kinds[kind], seconds, self.step)
 
     # --- Properties -----------------------------------------------------------------------
 
@@ -171,6 +178,31 @@ class Trainer(CheckpointMixin):
 
     def fit(self) -> dict[str, float]:
         """Train the configured epochs/steps with periodic validation; always checkpoint the end."""
+        if self.runlog is not None:
+            self.runlog.started(
+                self.step,
+                self.total_steps,
+                self.restored_from,
+                examples_per_step=self.training_config.batch_size,
+                process_count=jax.process_count(),
+                checkpoint_dir=self.checkpoint_dir if self.training_config.checkpoint.directory else None,
+            )
+        try:
+            last = self._fit()
+        except Preempted:
+            self._ended("preempted")
+            raise
+        except BaseException as err:
+            self._ended("error", f"{type(err).__name__}: {err}")
+            raise
+        self._ended("finished")
+        return last
+
+    def _ended(self, reason: str, detail: str | None = None) -> None:
+        if self.runlog is not None:
+            self.runlog.ended(self.step, reason, detail)
+
+    def _fit(self) -> dict[str, float]:
         config = self.training_config
         last: dict[str, float] = {}
         while self.epoch < config.num_epochs and not self.finished:
@@ -215,7 +247,7 @@ class Trainer(CheckpointMixin):
     def on_build(self, batch: Mapping[str, Any]) -> None:
         """Once the step's shapes are known: its FLOPs (for MFU), from XLA's cost analysis of one step."""
         self.metrics.names = self.engine.metric_names
-        if self.metrics.peak_flops:
+        if self.metrics.flops_per_step is None:
             cost = self.lower_step(batch).cost_analysis()
             cost = cost[0] if isinstance(cost, list | tuple) else cost
             self.metrics.flops_per_step = float(cost["flops"]) if cost and cost.get("flops") else None
@@ -231,8 +263,10 @@ class Trainer(CheckpointMixin):
     def report_first_step(self, marker: jax.Array) -> None:
         """Once per process: how long start-up took (compilation included), waiting for that step only."""
         marker.block_until_ready()
-        self.logger.info("First step done (step %d), %.1f s after the trainer was created.", self.step, time.perf_counter() - self._created)
+        now = time.perf_counter()
+        self.logger.info("First step done (step %d), %.1f s after the trainer was created.", self.step, now - self._created)
         self._created = None
+        self.metrics.add_pause("compile", now - self.metrics.interval_started)  # compilation is not step time
 
     def profile(self, marker: jax.Array) -> None:
         """Start or stop the jax.profiler trace of ``training.profile_steps``."""
@@ -297,8 +331,11 @@ class Trainer(CheckpointMixin):
         if self.val_data_loader is None:
             return None
         self.flush_metrics()
+        start = time.perf_counter()
         with self.metrics.paused("eval"):
             metrics = self.evaluate()
+        if self.runlog is not None:
+            self.runlog.timed("eval", time.perf_counter() - start, self.step, val_loss=metrics["loss"])
         self.last_eval_step = self.step
         self.val_metrics.append({"step": self.step, **metrics})
         self._log(self.step, metrics, "val")
