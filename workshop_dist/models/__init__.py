@@ -2,6 +2,7 @@
 
 from workshop_dist.models import dit as dit  # registers 'dit'
 from workshop_dist.models import flow as flow  # registers 'flow'
+from workshop_dist.models import gan as gan  # registers 'gan'
 from workshop_dist.models import pixelcnn as pixelcnn  # registers 'pixelcnn'
 from workshop_dist.models import unet as unet  # registers 'ddpm_unet'
 from workshop_dist.models import vae
