@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from workshop_dist import storage
 from workshop_dist.config import WorkshopError
 from workshop_dist.logging_config import LoggingConfiguration, WandbConfiguration
 
@@ -39,7 +40,7 @@ class Logger:
     """Human-readable run log to stderr and ``log_dir/train.log`` (primary process only)."""
 
     def __init__(self, log_dir: str | Path | None = None, *, level: int = logging.INFO, name: str = LOGGER_NAME):
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.log_dir = storage.as_path(log_dir, absolute=False) if log_dir is not None else None
         self._logger = logging.getLogger(name)
         # Other processes repeat what process 0 says: they only report problems.
         self._logger.setLevel(level if is_primary() else max(level, logging.WARNING))
@@ -54,8 +55,8 @@ class Logger:
         console.addFilter(_NotFileOnly())
         handlers: list[logging.Handler] = [console]
         if self.log_dir is not None and is_primary():
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(self.log_dir / "train.log"))
+            # On gs://, a local copy uploaded every storage.SYNC_SECONDS and at exit.
+            handlers.append(storage.log_file_handler(self.log_dir / "train.log"))
         for handler in handlers:
             handler.setFormatter(formatter)
             handler._workshop_dist = True  # type: ignore[attr-defined]
@@ -92,28 +93,36 @@ class MetricsLogger:
         asynchronous: bool = True,
         config: LoggingConfiguration | None = None,
     ):
-        self.log_dir = Path(log_dir)
+        self.log_dir = storage.as_path(log_dir, absolute=False)
         self.enabled = is_primary() if enabled is None else enabled
         self.config = config if config is not None else LoggingConfiguration()
         self._writer = None
         self._jsonl = None
         self._wandb: WandbTracker | None = None
+        # Cloud Storage cannot append: growing files are written locally and uploaded.
+        self._synced: storage.SyncedDir | None = None
+        local_dir = self.log_dir
         if self.enabled:
             trackers = set(self.config.trackers)
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+            if storage.is_remote(self.log_dir):
+                self._synced = storage.SyncedDir(self.log_dir)
+                local_dir = self._synced.path
+            else:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
             if "tensorboard" in trackers:
                 # Event files without TensorFlow (CLU's writers import it, and it pins protobuf);
                 # writes are cheap and synchronous, so ``asynchronous`` changes nothing now.
                 from workshop_dist.event_writer import EventWriter
 
-                self._writer = EventWriter(self.log_dir)
+                self._writer = EventWriter(local_dir)
             if "jsonl" in trackers:
-                self._jsonl = self.jsonl_path.open("a")
+                jsonl = self._synced.local(self.jsonl_path.name, resume=True) if self._synced else self.jsonl_path
+                self._jsonl = jsonl.open("a")
             if "wandb" in trackers:
                 self._wandb = WandbTracker(self.log_dir, self.config.wandb)
 
     @property
-    def jsonl_path(self) -> Path:
+    def jsonl_path(self) -> storage.AnyPath:
         return self.log_dir / "metrics.jsonl"
 
     @property
@@ -162,6 +171,8 @@ class MetricsLogger:
                 self._writer.flush()
             if self._jsonl is not None:
                 self._jsonl.flush()
+            if self._synced is not None:
+                self._synced.sync()
 
     def close(self) -> None:
         if not self.enabled:
@@ -172,7 +183,9 @@ class MetricsLogger:
             self._jsonl.close()
         if self._wandb is not None:
             self._wandb.close()
-        self._writer = self._jsonl = self._wandb = None
+        if self._synced is not None:
+            self._synced.close()
+        self._writer = self._jsonl = self._wandb = self._synced = None
         self.enabled = False
 
 
