@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pydantic
 from flax import nnx
 
@@ -58,15 +59,15 @@ class DiffusionParameters(StrictConfig):
     sampling_steps: int | None = pydantic.Field(None, ge=1, description="Sampling steps (default: timesteps).")
 
 
-def gamma_schedule(schedule: Schedule, t: jax.Array, timesteps: int) -> jax.Array:
-    """-log SNR at ``t`` in [0, 1]; monotone increasing (more noise)."""
+def gamma_schedule(schedule: Schedule, t: jax.Array, timesteps: int, xp: Any = jnp) -> jax.Array:
+    """-log SNR at ``t`` in [0, 1]; monotone increasing (more noise). ``xp=np`` evaluates it on the host."""
     s = 1.0 / timesteps + t * (1.0 - 1.0 / timesteps)
     if schedule == "linear":  # continuous DDPM betas 1e-4..0.02 (x 1000 steps): the VP-SDE's
-        return jnp.log(jnp.expm1(0.1 * s + 0.5 * (20.0 - 0.1) * s**2))
+        return xp.log(xp.expm1(0.1 * s + 0.5 * (20.0 - 0.1) * s**2))
     offset = 0.008
     f0 = math.cos(offset / (1 + offset) * math.pi / 2) ** 2
-    f = jnp.cos((s + offset) / (1 + offset) * jnp.pi / 2) ** 2
-    return jnp.minimum(jnp.log(f0 / jnp.maximum(f, 1e-30) - 1.0), GAMMA_MAX)
+    f = xp.cos((s + offset) / (1 + offset) * xp.pi / 2) ** 2
+    return xp.minimum(xp.log(f0 / xp.maximum(f, 1e-30) - 1.0), GAMMA_MAX)
 
 
 def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -133,7 +134,8 @@ class DiffusionModel(GenerativeModel):
         self.param_dtype = jnp.dtype(config.param_dtype)
         self.remat = config.remat
         self.deterministic = False  # set by model.train() / model.eval(): label dropout only in training
-        ends = gamma_schedule(self.hp.schedule, jnp.array([0.0, 1.0]), self.hp.timesteps)
+        # on the host: concrete even when the model is built abstractly or inside a jitted init
+        ends = gamma_schedule(self.hp.schedule, np.array([0.0, 1.0], np.float32), self.hp.timesteps, xp=np)
         self.gamma_ends = (float(ends[0]), float(ends[1]))
 
     # --- noise levels and data scaling -------------------------------------------------------

@@ -67,22 +67,13 @@ class StepMetrics:
         if len(self._queued) > self.max_in_flight:
             self._queued.popleft().block_until_ready()
 
-    @contextlib.contextmanager
-    def waiting(self, kind: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.waited[kind] += time.perf_counter() - start
+    def waiting(self, kind: str) -> contextlib.AbstractContextManager[None]:
+        """Time inside is the loop waiting (``data_wait_time``, ``device_wait_time``), reported per step."""
+        return _timed(lambda seconds: self.waited.__setitem__(kind, self.waited[kind] + seconds))
 
-    @contextlib.contextmanager
-    def paused(self, kind: str) -> Iterator[None]:
+    def paused(self, kind: str) -> contextlib.AbstractContextManager[None]:
         """Time inside is not training time (``eval``, ``checkpoint``, ``sample``)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add_pause(kind, time.perf_counter() - start)
+        return _timed(lambda seconds: self.add_pause(kind, seconds))
 
     def add_pause(self, kind: str, seconds: float) -> None:
         self._paused[kind] += seconds
@@ -140,6 +131,15 @@ class StepMetrics:
     def reset(self) -> None:
         """Forget unread metrics (after a restore)."""
         self._pending, self._in_flight = [], None
+
+
+@contextlib.contextmanager
+def _timed(record: Callable[[float], None]) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        record(time.perf_counter() - start)
 
 
 def average(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
