@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Build everything and compile one step; print parameters, per-device memory and FLOPs; exit.",
     )
+    parser.add_argument(
+        "--target",
+        metavar="tpu:TYPE-N[xSLICES]",
+        help="With --dry-run: compile the step for this TPU slice on this machine (e.g. tpu:v5p-128, "
+        "tpu:v5e-256x2); print per-chip memory, FLOPs and a step-time estimate. Needs workshop-dist[tpu-aot].",
+    )
     parser.add_argument("--plot-schedule", metavar="OUT.png", help="Plot the learning rate over the run and exit.")
     parser.add_argument(
         "--report", metavar="WORKDIR", help="Print the run report of WORKDIR (steps, restarts, time, goodput) and exit."
@@ -87,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if args.target:  # ahead of time, for devices this machine does not have
+        from workshop_dist.aot import dry_run_target
+        from workshop_dist.config import ConfigError
+
+        if not args.dry_run:
+            raise ConfigError("--target compiles for hardware this machine does not have: use it with --dry-run.")
+        return dry_run_target(config, args.target)
 
     from workshop_dist import distributed
 
