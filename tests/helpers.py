@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from workshop_dist.data.digits import load_digits_split
-from workshop_dist.models import ModelConfiguration
+from workshop_dist.models import GenerativeModel, ModelConfiguration
 
 
 def digits_images(split: str = "train") -> np.ndarray:
@@ -27,16 +27,31 @@ def tiny_model_config(**overrides) -> ModelConfiguration:
     return ModelConfiguration(**{"hidden_dims": [64, 32], "output_dim": 8, **overrides})
 
 
-class QuadraticModel(nnx.Module):
+class QuadraticModel(GenerativeModel):
     """loss = mean_i ||x_i - w||^2, no randomness: tests can compute exact expected values."""
 
     def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
         self.shape = tuple(config.input_dim)
         self.w = nnx.Param(jnp.full(self.shape, 0.25))
 
-    def loss(self, batch, rng):
+    def example_losses(self, batch, rng, *, step=None, group=None):
         x = batch["image"]
         per_example = ((x - self.w[...]) ** 2).reshape(x.shape[0], -1).sum(-1)
+        return {"loss": per_example, "squared_error": per_example}
+
+    def sample(self, rng, num_samples, **options):
+        return jnp.broadcast_to(self.w[...], (num_samples, *self.shape))
+
+
+class LossOnlyModel(nnx.Module):
+    """The older contract: only ``loss(batch, rng)`` (a batch mean) and ``sample``."""
+
+    def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
+        self.shape = tuple(config.input_dim)
+        self.w = nnx.Param(jnp.full(self.shape, 0.25))
+
+    def loss(self, batch, rng):
+        per_example = ((batch["image"] - self.w[...]) ** 2).reshape(batch["image"].shape[0], -1).sum(-1)
         return per_example.mean(), {"squared_error": per_example.mean()}
 
     def sample(self, rng, num_samples):

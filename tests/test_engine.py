@@ -217,3 +217,13 @@ def test_deprecated_checkpoint_fields_still_work_with_a_message():
     with pytest.warns(DeprecationWarning, match=r"training.checkpoint.max_to_keep"):
         config = TrainingConfiguration(max_checkpoints=2, checkpoint_dir="/tmp/x")
     assert config.checkpoint.max_to_keep == 2 and config.checkpoint.directory == "/tmp/x"
+
+
+def test_a_loss_only_model_still_trains_and_evaluates_exactly_with_a_warning():
+    with pytest.warns(UserWarning, match="example_losses"):
+        trainer = trainer_for(create_model(ModelConfiguration(model_class="tests.helpers.LossOnlyModel"), rngs=0))
+    data = VAL[:100]
+    expected = float(((data - 0.25) ** 2).reshape(100, -1).sum(-1).mean())
+    assert trainer.evaluate(data, batch_size=64)["loss"] == pytest.approx(expected, rel=1e-5)  # 36 padded rows masked
+    trainer.train_epoch()
+    assert trainer.step > 0
