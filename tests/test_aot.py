@@ -163,14 +163,17 @@ def test_fsdp_on_v5e_8_fits_with_plausible_numbers(libtpu):
 
 
 def test_two_v5p_slices_over_dcn_from_the_command_line(libtpu, capsys):
-    """Two slices: the data axis spans them (dcn_data), the default VAE fits with room to spare."""
-    assert cli.main(["--dry-run", "--target", "tpu:v5p-16x2"]) == 0
+    """Two slices: the data axis spans them (dcn_data), the default VAE fits with room to spare,
+    also with a global batch larger than the 1000 training images (shapes need no real epoch)."""
+    assert cli.main(["--dry-run", "--target", "tpu:v5p-16x2", "training.batch_size=2048"]) == 0
     out = capsys.readouterr().out
     assert "16 chips (TPU v5, 2 slices of 8, topology v5:2x2x2)" in out
-    assert "mesh.dcn_data=2" in out and "'data': 16" in out
+    assert "mesh.dcn_data=2" in out and "'data': 16" in out and "global batch 2048 (128 per data shard)" in out
     assert "of 95.00 GiB HBM" in out and "fits)" in out
+    assert "has 1000 examples, fewer than one batch of 2048" in out
     flops = float(out.split("FLOPs per step")[1].split()[0])
-    assert 1e5 < flops < 1e8  # ~105k parameters x 6 x 8 examples per chip, plus the update
+    parameters = int(out.split("parameters")[1].split()[0].replace(",", ""))
+    assert 0.8 < flops / (6 * parameters * 128) < 1.5  # forward + backward of 128 examples per chip
 
 
 def test_too_big_for_the_chip_names_the_shortfall_and_the_fixes(libtpu, capsys):

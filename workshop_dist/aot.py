@@ -279,7 +279,8 @@ def compile_for_target(config: Any, target: Target | str) -> AotReport:
     steps_per_epoch = num_examples // training.batch_size if num_examples else None
     if steps_per_epoch == 0:
         notes.append(f"note: the training split has {num_examples} examples, fewer than one batch of {training.batch_size}.")
-    total_steps = training.total_steps(steps_per_epoch or None) or 1
+    # The schedule's length changes nothing compiled: without a real one, a notional long run.
+    total_steps = training.total_steps(steps_per_epoch) if steps_per_epoch else training.max_steps or 100_000
     engine = Engine(config.model, training, mesh, mesh_config, total_steps, abstract=True)
     batch = {
         key: jax.ShapeDtypeStruct((training.batch_size, *spec.shape), spec.dtype, sharding=engine.batch_sharding)
