@@ -193,3 +193,15 @@ def test_too_big_for_the_chip_names_the_shortfall_and_the_fixes(libtpu, capsys):
     )
     assert "model.remat=full" in err
     assert math.isfinite(short)
+
+
+def test_batch_shapes_come_from_the_data_or_else_from_the_model(tmp_path):
+    """One example of the digits (image and label); a data set not readable here falls back to
+    float32 images of model.input_dim, with a note saying so."""
+    spec, num_examples, note = aot._example_spec(cli.load_config(None, []))
+    assert {k: (v.shape, str(v.dtype)) for k, v in spec.items()} == {"image": ((8, 8, 1), "float32"), "label": ((), "int32")}
+    assert num_examples == 1000 and note is None
+    config = cli.load_config(None, ["data.source=tfds:not_here", f"data.data_dir={tmp_path}", "model.input_dim=[32,32,3]"])
+    spec, num_examples, note = aot._example_spec(config)
+    assert {k: v.shape for k, v in spec.items()} == {"image": (32, 32, 3)} and num_examples is None
+    assert note.startswith("note: data not readable here (")

@@ -323,8 +323,7 @@ def dry_run_target(config: Any, spec: str, echo: Callable[[str], None] = print) 
 
 
 def _example_spec(config: Any) -> tuple[dict[str, Any], int | None, str | None]:
-    """Shapes of one training example: from one batch of the data pipeline (reads one example),
-    else, when the data cannot be opened here, an ``image`` of ``model.input_dim``."""
+    """Shapes of one training example, read from the data; else an ``image`` of ``model.input_dim``."""
     import jax
     import numpy as np
 
@@ -332,7 +331,8 @@ def _example_spec(config: Any) -> tuple[dict[str, Any], int | None, str | None]:
     from workshop_dist.config import WorkshopError
 
     try:
-        train = data.make_train_input(config.data, global_batch_size=1, seed=0, process_index=0, process_count=1)
+        source = config.data.model_copy(update={"cache": False})  # one example, not the whole split
+        train = data.make_train_input(source, global_batch_size=1, seed=0, process_index=0, process_count=1)
     except WorkshopError as err:
         image = jax.ShapeDtypeStruct(tuple(config.model.input_dim), np.dtype(np.float32))
         return {"image": image}, None, f"note: data not readable here ({err}); batch = float32 images of model.input_dim."
