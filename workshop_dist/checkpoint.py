@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pydantic
 from orbax.checkpoint import checkpoint_managers as policies
 
+from workshop_dist import storage
 from workshop_dist.config import StrictConfig, WorkshopError
 
 STATE, DATA, CONFIG, METADATA = "state", "data", "config", "metadata"
@@ -140,7 +141,7 @@ def check_shapes(saved: Any, target: Any, where: str) -> None:
 def has_data_position(step_dir: str | Path) -> bool:
     """Whether the checkpoint holds this process's data position for the current process count."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    return (Path(step_dir) / DATA / name).is_file()
+    return (storage.as_path(step_dir) / DATA / name).is_file()
 
 
 def _restore_composite(
@@ -179,7 +180,7 @@ class CheckpointManager:
     def __init__(
         self, directory: str | Path, *, max_to_keep: int = 5, async_save: bool = True, replica_parallel: bool = False
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = storage.as_path(directory)  # local (absolute) or gs://
         preservation = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=max_to_keep),
@@ -282,12 +283,13 @@ class CheckpointManager:
 
 def save_checkpoint_dir(
     path: str | Path, state: Any, *, metadata: Mapping[str, Any], config: Mapping | None = None, data_iterator: Any = None
-) -> Path:
+) -> storage.AnyPath:
     """Write one checkpoint directory at ``path`` (synchronously), replacing an existing one atomically.
 
-    The new checkpoint is complete on disk before the old one is removed.
+    The new checkpoint is complete on disk before the old one is removed. On Cloud Storage a
+    rename copies every object, so the replacement there is safe but not instantaneous.
     """
-    path = Path(path).absolute()
+    path = storage.as_path(path)
     staging = path.with_name(path.name + ".saving")
     checkpointer = _checkpointer()
     checkpointer.save(staging, args=_save_args(state, data_iterator, config, metadata), force=True)
@@ -297,7 +299,7 @@ def save_checkpoint_dir(
         if path.exists():
             path.rename(old)
         staging.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_tree(old)
     _sync(f"save_checkpoint_dir:{path}")
     return path
 
@@ -306,7 +308,7 @@ def load_checkpoint_dir(
     path: str | Path, abstract_state: Any, *, data_iterator: Any = None
 ) -> tuple[Any, dict, bool]:
     """Read a checkpoint directory written by :func:`save_checkpoint_dir` or a manager step dir."""
-    path = Path(path).absolute()
+    path = storage.as_path(path)
     if not (path / STATE).is_dir():
         hint = " It looks like a run's checkpoint folder: pass one of its step directories." if path.is_dir() else ""
         raise CheckpointError(f"No checkpoint at {path} (expected a directory with a '{STATE}' item).{hint}")
@@ -325,6 +327,15 @@ def load_checkpoint_dir(
         raise CheckpointError(f"Checkpoint {path} is unreadable: {type(err).__name__}: {err}") from None
     finally:
         checkpointer.close()
+
+
+def _remove_tree(path: storage.AnyPath) -> None:
+    """Delete a directory tree if it is there (local or remote)."""
+    if storage.is_remote(path):
+        if path.exists():
+            path.rmtree()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _sync(name: str) -> None:

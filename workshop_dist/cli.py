@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a generative model. Overrides look like training.optimizer.learning_rate=3e-4.",
     )
     parser.add_argument("--config", help="YAML or JSON config (default: the packaged vae_digits.yaml).")
-    parser.add_argument("--workdir", default="./workdir", help="Checkpoints, logs and samples go here.")
+    parser.add_argument("--workdir", default="./workdir", help="Checkpoints, logs and samples go here (a directory or gs://bucket/path).")
     parser.add_argument("--restore", metavar="PATH", help="Start from this checkpoint directory (if WORKDIR has none).")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
     parser.add_argument(
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     enable_compilation_cache(config.training.compilation_cache_dir)
 
 
-    from workshop_dist import data, parallel
+    from workshop_dist import data, parallel, storage
     from workshop_dist.metrics import Logger, MetricsLogger
     from workshop_dist.training import Trainer
     from workshop_dist.training.preemption import PreemptionWatcher
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_schedule:
         return plot_schedule(training, train_input.steps_per_epoch, Path(args.plot_schedule))
 
-    workdir = Path(args.workdir).absolute()
+    workdir = storage.as_path(args.workdir)  # a local directory or gs://bucket/path
     level = config.logging.console_level(quiet=args.quiet, verbose=args.verbose)  # the flags win
     quiet = level >= logging.WARNING
     logger = Logger(None if args.dry_run else workdir / "logs", level=level)
@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         _resume_or_start(trainer, training, args.restore or training.restore_from, logger)
         if distributed.is_primary():
-            workdir.mkdir(parents=True, exist_ok=True)
+            if not storage.is_remote(workdir):  # a bucket has no directories to make
+                workdir.mkdir(parents=True, exist_ok=True)
             config.save(workdir / "config.yaml")
         trainer.fit()
         final = trainer.write_samples()

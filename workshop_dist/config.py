@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
+from workshop_dist import storage  # imported early: it picks epath's Cloud Storage backend
+
 T = TypeVar("T", bound="StrictConfig")
 
 
@@ -56,9 +58,8 @@ class StrictConfig(pydantic.BaseModel):
 
     def save(self, path: str | Path) -> None:
         """Write YAML (``.yaml``/``.yml``) or JSON (anything else) that :meth:`load` reads back."""
-        path = Path(path)
-        text = self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json()
-        path.write_text(text)
+        suffix = storage.as_path(path).suffix
+        storage.write_text(path, self.to_yaml() if suffix in (".yaml", ".yml") else self.to_json())
 
     @classmethod
     def load(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
@@ -115,7 +116,7 @@ def parse_yaml(text: str) -> Any:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = storage.as_path(path, absolute=False)  # messages show the path as given
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}. Pass an existing YAML or JSON file.")
     text = path.read_text()

@@ -119,6 +119,11 @@ class MetricsLogger:
                 jsonl = self._synced.local(self.jsonl_path.name, resume=True) if self._synced else self.jsonl_path
                 self._jsonl = jsonl.open("a")
             if "wandb" in trackers:
+                if self._synced is not None:
+                    raise WorkshopError(
+                        "The wandb tracker keeps its run files in the log dir, which must be local: "
+                        "use a local --workdir with wandb, or drop wandb from logging.trackers."
+                    )
                 self._wandb = WandbTracker(self.log_dir, self.config.wandb)
 
     @property

@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 from etils import epath
 
+from workshop_dist import storage
+
 EVENTS_FILE = "logs/run_events.jsonl"
 Kind = Literal["compile", "train", "eval", "save", "restore", "sample"]
 Reason = Literal["finished", "preempted", "error"]
@@ -129,10 +131,9 @@ class RunLog:
         if not self.enabled:
             return
         record = {"event": event, "time": time.time(), "session": self.session, "step": int(step), **fields}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Open, append, close: each line is on disk before the next step runs.
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+        # Open, append, close: each line is on disk before the next step runs (on gs://,
+        # which cannot append, storage rewrites the small object whole).
+        storage.append_text(self.path, json.dumps(record) + "\n")
 
 
 def read_events(workdir: str | os.PathLike) -> list[dict[str, Any]]:

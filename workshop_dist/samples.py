@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from workshop_dist import storage
+
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
     """``[N, H, W, C]`` floats in [0, 1] -> one ``[rows*(H+pad)+pad, cols*(W+pad)+pad, C]`` image."""
@@ -23,15 +25,14 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> 
     return np.clip(grid, 0.0, 1.0)
 
 
-def save_png(grid: np.ndarray, path: str | Path, scale: int = 4) -> Path:
+def save_png(grid: np.ndarray, path: str | Path, scale: int = 4) -> storage.AnyPath:
     """Write a [0, 1] image as PNG, enlarged ``scale`` times (nearest) so small images stay visible."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = storage.as_path(path, absolute=False)
     pixels = (np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8)
     pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
     if pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
-    Image.fromarray(pixels).save(path)
+    storage.save_image(Image.fromarray(pixels), path)  # local or gs://
     return path

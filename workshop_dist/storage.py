@@ -23,6 +23,8 @@ to a local staging directory and uploaded whole by :class:`SyncedDir` every
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import io
 import logging
 import os
@@ -31,12 +33,21 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("EPATH_USE_TF", "false")  # before epath resolves its first gs:// backend
+from etils import epath
 
-from etils import epath  # after the line above (epath reads it lazily, but keep the order obvious)
+# Read by epath when it resolves its first backend (cached after): gcsfs, not TensorFlow.
+os.environ.setdefault("EPATH_USE_TF", "false")
+# gcsfs caches directory listings forever; a workdir is also written by tensorstore and by
+# other hosts, so a cached listing would hide their new checkpoints. List afresh each time.
+with contextlib.suppress(ImportError):
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 REMOTE_PREFIXES = ("gs://",)
 SYNC_SECONDS = 30.0  # how often growing files are uploaded to a remote workdir
+STAGING_ENV = "WORKSHOP_STAGING_DIR"  # where remote data sets are copied to be read
+DEFAULT_STAGING_DIR = "~/.cache/workshop_dist/staged"
 AnyPath = Path | epath.Path
 
 
@@ -104,14 +115,48 @@ def save_image(image: object, path: str | os.PathLike) -> None:
     target.write_bytes(buffer.getvalue())
 
 
-def download_tree(remote: epath.Path, local: Path) -> None:
-    """Copy every file under ``remote`` into ``local`` (which mirrors its layout)."""
-    for root, _dirs, files in remote.walk():
-        relative = Path(os.fspath(root)[len(os.fspath(remote)) :].lstrip("/"))
-        for name in files:
-            source = epath.Path(root) / name
-            (local / relative).mkdir(parents=True, exist_ok=True)
-            (local / relative / name).write_bytes(source.read_bytes())
+def download_tree(remote: AnyPath, local: Path) -> None:
+    """Copy every file under ``remote`` into ``local`` (which mirrors its layout).
+
+    Walks with ``iterdir`` (epath's ``walk`` on gcsfs yields roots without ``gs://``).
+    """
+    local.mkdir(parents=True, exist_ok=True)
+    for entry in remote.iterdir():
+        if entry.is_dir():
+            download_tree(entry, local / entry.name)
+        else:
+            (local / entry.name).write_bytes(entry.read_bytes())
+
+
+def staging_root(remote: str | os.PathLike) -> Path:
+    """The local directory that mirrors ``remote`` (``$WORKSHOP_STAGING_DIR/<bucket>/<path>``)."""
+    base = Path(os.environ.get(STAGING_ENV) or DEFAULT_STAGING_DIR).expanduser().absolute()
+    scheme, _, rest = os.fspath(remote).partition("://")
+    return base / scheme / rest.strip("/")
+
+
+def stage(remote: str | os.PathLike, relative: str) -> Path:
+    """Copy ``remote/relative`` to local disk once; return the local root that mirrors ``remote``.
+
+    For data read by libraries that only open local files (ArrayRecord's reader). The copy is
+    made in a temporary sibling and renamed into place, so concurrent processes and killed
+    downloads never leave a half copy; an existing copy is reused (delete it to refresh).
+    Nothing is copied when ``remote/relative`` does not exist.
+    """
+    root = staging_root(remote)
+    target = root / relative
+    source = as_path(remote) / relative
+    if target.exists() or not source.exists():
+        return root
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        download_tree(source, partial)
+        with contextlib.suppress(OSError):  # fails only when another process finished first
+            partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return root
 
 
 class SyncedDir:
@@ -176,6 +221,14 @@ class SyncedFileHandler(logging.FileHandler):
     def __init__(self, path: epath.Path, *, interval: float = SYNC_SECONDS):
         self._synced = SyncedDir(path.parent, interval=interval)
         super().__init__(self._synced.local(path.name, resume=True))
+        # logging closes handlers at exit only after gcsfs has closed its HTTP session (atexit
+        # runs last-registered first), so upload from an exit hook registered now, after gcsfs's.
+        atexit.register(self._upload_at_exit)
+
+    def _upload_at_exit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.flush()
+            self._synced.sync(force=True)
 
     def emit(self, record: logging.LogRecord) -> None:
         super().emit(record)
@@ -186,6 +239,7 @@ class SyncedFileHandler(logging.FileHandler):
 
     def close(self) -> None:
         super().close()
+        atexit.unregister(self._upload_at_exit)
         try:
             self._synced.close()
         except Exception as err:  # at interpreter exit the storage client may be gone

@@ -26,6 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from workshop_dist import storage
 from workshop_dist._deps import require_tfds
 from workshop_dist.config import ConfigError
 from workshop_dist.data import digits
@@ -86,9 +87,15 @@ class ArraySource:
         return f"ArraySource({shapes})"
 
 
-def resolve_data_dir(config: DataConfiguration) -> Path:
-    """``data.data_dir``, else ``$WORKSHOP_DATA_DIR``, else ``~/.cache/workshop_dist/data``."""
+def resolve_data_dir(config: DataConfiguration, dataset: str | None = None) -> Path:
+    """``data.data_dir``, else ``$WORKSHOP_DATA_DIR``, else ``~/.cache/workshop_dist/data``.
+
+    A ``gs://`` data dir is read from a local copy of ``dataset`` (its directory in the data
+    dir), made once under ``$WORKSHOP_STAGING_DIR``: ArrayRecord's reader opens local files only.
+    """
     raw = config.data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    if storage.is_remote(raw):
+        return storage.stage(raw, dataset.split("/")[0]) if dataset else storage.staging_root(raw)
     return Path(raw).expanduser().absolute()
 
 
@@ -100,12 +107,12 @@ def open_source(config: DataConfiguration, split: str) -> Source:
             raise ConfigError(
                 f"The digits data set has no split '{split}'; choose one of {list(digits.SPLITS)}."
             )
-        data_dir = digits.prepare_digits(resolve_data_dir(config))
+        data_dir = digits.prepare_digits(resolve_data_dir(config, digits.TFDS_NAME))
         data = tfds_data_source(digits.TFDS_NAME, split, data_dir, download=False)
         return Source(data, name=f"digits[{split}]", max_level=config.max_level or digits.MAX_LEVEL)
     if kind == "tfds":
         name = tfds_name(rest)
-        data = tfds_data_source(name, split, resolve_data_dir(config), download=config.download)
+        data = tfds_data_source(name, split, resolve_data_dir(config, name), download=config.download)
         return Source(data, name=f"tfds:{name}[{split}]", max_level=config.max_level)
     if kind == "array_record":
         paths = array_record_paths(rest, split)

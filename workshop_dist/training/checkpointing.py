@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from workshop_dist import checkpoint as ckpt
+from workshop_dist import storage
 from workshop_dist.config import WorkshopError
 
 
@@ -20,7 +21,9 @@ class CheckpointMixin:
     def init_checkpoints(self) -> None:
         self._checkpoints: ckpt.CheckpointManager | None = None
         directory = self.training_config.checkpoint.directory
-        self.checkpoint_dir = Path(directory) if directory else (self.workdir / "checkpoints" if self.workdir else None)
+        self.checkpoint_dir: storage.AnyPath | None = (
+            storage.as_path(directory, absolute=False) if directory else (self.workdir / "checkpoints" if self.workdir else None)
+        )
 
     @property
     def checkpoints(self) -> ckpt.CheckpointManager:
@@ -55,7 +58,9 @@ class CheckpointMixin:
             "mesh": dict(self.mesh.shape),
         }
 
-    def save_checkpoint(self, path: str | Path | None = None, *, val_loss: float | None = None) -> Path | None:
+    def save_checkpoint(
+        self, path: str | Path | None = None, *, val_loss: float | None = None
+    ) -> storage.AnyPath | None:
         """Save the full training state.
 
         With ``path``: write that directory now (a ``.pkl`` name is just a directory name).

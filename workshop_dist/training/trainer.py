@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from workshop_dist import hardware, parallel
+from workshop_dist import hardware, parallel, storage
 from workshop_dist.config import WorkshopError
 from workshop_dist.metrics import Logger, MetricsLogger, ProgressBar, is_primary
 from workshop_dist.parallel import MeshConfiguration
@@ -64,7 +64,7 @@ class Trainer(CheckpointMixin):
         progress_bar: bool = False,
     ):
         self.training_config = config = training_config
-        self.workdir = Path(workdir) if workdir is not None else None
+        self.workdir = storage.as_path(workdir, absolute=False) if workdir is not None else None  # local or gs://
         self.log_callback, self.preemption, self.progress_bar = log_callback, preemption, progress_bar
         self.experiment_config = dict(experiment_config) if experiment_config is not None else None
         self.logger = logger or Logger(self.workdir / "logs" if self.workdir else None)
@@ -348,7 +348,7 @@ class Trainer(CheckpointMixin):
                 self.save_checkpoint(val_loss=self._best_loss)
         return metrics
 
-    def write_samples(self) -> Path | None:
+    def write_samples(self) -> storage.AnyPath | None:
         """Sample grid of ``training.num_samples`` images: ``WORKDIR/samples/step_<N>.png`` and TensorBoard.
 
         Every process must call this (sampling runs on the whole mesh); only the primary writes.

