@@ -32,7 +32,10 @@ from workshop_dist.models.registry import register_model, validate_parameters
 
 class FlowParameters(StrictConfig):
     num_levels: int = pydantic.Field(17, ge=2, description="Pixel values 0..num_levels-1 (17 for digits).")
-    channels: int = pydantic.Field(64, ge=1, description="Hidden channels of each coupling network.")
+    network: Literal["conv", "mlp"] = pydantic.Field(
+        "conv", description="Coupling networks: conv ResNets, or MLPs on the flattened image (faster on CPU)."
+    )
+    channels: int = pydantic.Field(64, ge=1, description="Hidden channels (conv) or units (mlp) of each network.")
     num_blocks: int = pydantic.Field(2, ge=0, description="Residual blocks per coupling network.")
     full_couplings: int = pydantic.Field(4, ge=0, description="Checkerboard couplings at full resolution.")
     squeezed_couplings: int = pydantic.Field(
@@ -41,6 +44,7 @@ class FlowParameters(StrictConfig):
     alpha: float = pydantic.Field(0.05, gt=0, lt=0.5, description="logit(alpha + (1 - 2 alpha) y) preprocessing.")
     dequantization: Literal["uniform", "variational"] = "uniform"
     dequant_couplings: int = pydantic.Field(2, ge=0, description="Conditional couplings of q(u | x).")
+    dequant_channels: int = pydantic.Field(16, ge=1, description="Hidden channels of q(u | x)'s conv networks.")
 
 
 def _checkerboard(height: int, width: int, channels: int, parity: int) -> np.ndarray:
@@ -72,24 +76,52 @@ def unsqueeze(x: jax.Array) -> jax.Array:
 
 
 class Coupling(nnx.Module):
-    """Affine coupling ``z' = m z + (1 - m)(z exp(s) + t)``, with ``s, t`` from a conv ResNet of ``m z``.
+    """Affine coupling ``z' = m z + (1 - m)(z exp(s) + t)``, with ``s, t`` from a network of ``m z``.
 
-    ``s = scale * tanh(.)`` keeps the first steps stable; the last conv starts at zero, so the
-    flow starts as the identity. ``cond_channels`` adds a conditioning input (for q(u | x)).
+    The network is a conv ResNet (``network="conv"``) or a residual MLP on the flattened image
+    (``"mlp"``). ``s = scale * tanh(.)`` keeps the first steps stable; the last layer starts at
+    zero, so the flow starts as the identity. ``cond_channels`` adds a conditioning input (q(u | x)).
     """
 
     def __init__(
-        self, kind: str, shape: tuple[int, int, int], channels: int, num_blocks: int, cond_channels: int = 0, *, rngs
+        self,
+        kind: str,
+        shape: tuple[int, int, int],
+        channels: int,
+        num_blocks: int,
+        cond_channels: int = 0,
+        network: str = "conv",
+        *,
+        rngs: nnx.Rngs,
     ):
         self.kind = kind
         self.shape = shape
+        self.network = network
         features = shape[2]
-        self.stem = layers.conv(2 * features + cond_channels, channels, rngs=rngs)
-        self.blocks = nnx.List(
-            [nnx.List([layers.conv(channels, channels, rngs=rngs), layers.conv(channels, channels, rngs=rngs)])
-             for _ in range(num_blocks)]
-        )
-        self.out = layers.conv(channels, 2 * features, rngs=rngs)
+        if network == "conv":
+            self.stem = layers.conv(2 * features + cond_channels, channels, rngs=rngs)
+            self.blocks = nnx.List(
+                [
+                    nnx.List([layers.conv(channels, channels, rngs=rngs), layers.conv(channels, channels, rngs=rngs)])
+                    for _ in range(num_blocks)
+                ]
+            )
+            self.out = layers.conv(channels, 2 * features, rngs=rngs)
+        else:
+            size = math.prod(shape)
+            self.stem = layers.dense(2 * size + cond_channels * size // features, channels, ("embed", "mlp"), rngs=rngs)
+            self.blocks = nnx.List(
+                [
+                    nnx.List(
+                        [
+                            layers.dense(channels, channels, ("mlp", "embed"), rngs=rngs),
+                            layers.dense(channels, channels, ("embed", "mlp"), rngs=rngs),
+                        ]
+                    )
+                    for _ in range(num_blocks)
+                ]
+            )
+            self.out = layers.dense(channels, 2 * size, ("mlp", "embed"), rngs=rngs)
         self.out.kernel[...] = jnp.zeros_like(self.out.kernel[...])
         scale_init = nnx.with_partitioning(nnx.initializers.ones_init(), ("conv_out",), eager_sharding=False)
         self.scale = nnx.Param(scale_init(rngs.params(), (features,), jnp.float32))
@@ -98,10 +130,13 @@ class Coupling(nnx.Module):
         inputs = [z * mask, jnp.broadcast_to(mask, z.shape)]
         if cond is not None:
             inputs.append(cond)
-        h = self.stem(jnp.concatenate(inputs, axis=-1))
+        h = jnp.concatenate(inputs, axis=-1)
+        if self.network == "mlp":
+            h = h.reshape(z.shape[0], -1)
+        h = self.stem(h)
         for first, second in self.blocks:
             h = h + second(nnx.relu(first(nnx.relu(h))))
-        s, t = jnp.split(self.out(nnx.relu(h)), 2, axis=-1)
+        s, t = jnp.split(self.out(nnx.relu(h)).reshape(*z.shape[:-1], 2 * z.shape[-1]), 2, axis=-1)
         s = self.scale[...] * jnp.tanh(s)
         return s * (1 - mask), t * (1 - mask)
 
@@ -137,16 +172,19 @@ class RealNVP(GenerativeModel):
         small = (height // 2, width // 2, 4 * chans)
         small_kinds = ["board_0", "board_1", "channel_0", "channel_1"]
         self.full = nnx.List(
-            [Coupling(f"board_{i % 2}", full, p.channels, p.num_blocks, rngs=rngs) for i in range(p.full_couplings)]
+            [
+                Coupling(f"board_{i % 2}", full, p.channels, p.num_blocks, network=p.network, rngs=rngs)
+                for i in range(p.full_couplings)
+            ]
         )
         self.squeezed = nnx.List(
             [
-                Coupling(small_kinds[i % 4], small, p.channels, p.num_blocks, rngs=rngs)
+                Coupling(small_kinds[i % 4], small, p.channels, p.num_blocks, network=p.network, rngs=rngs)
                 for i in range(p.squeezed_couplings)
             ]
         )
         if p.dequantization == "variational":
-            hidden = p.channels // 2 or 1
+            hidden = p.dequant_channels
             self.dequant_net = nnx.List(
                 [layers.conv(chans, hidden, rngs=rngs), layers.conv(hidden, hidden, rngs=rngs)]
             )
@@ -201,11 +239,14 @@ class RealNVP(GenerativeModel):
         """Noise ``u`` in (0, 1)^D for levels ``x`` and ``log q(u | x)`` per example (0 when uniform)."""
         if self.params_config.dequantization == "uniform":
             return jax.random.uniform(rng, x.shape, minval=0.0, maxval=1.0), jnp.zeros(x.shape[0])
+        return self.dequantize_noise(x, jax.random.normal(rng, x.shape))
+
+    def dequantize_noise(self, x: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Variational dequantisation as a map of Gaussian noise: ``u = sigmoid(g(eps; x))``, ``log q(u | x)``."""
         cond = 2.0 * x / (self.params_config.num_levels - 1) - 1.0
         for layer in self.dequant_net:
             cond = nnx.relu(layer(cond))
         mean, log_scale = jnp.split(self.dequant_affine(cond), 2, axis=-1)
-        eps = jax.random.normal(rng, x.shape)
         log_q = (-0.5 * (eps**2 + math.log(2 * math.pi))).reshape(x.shape[0], -1).sum(-1)
         h = mean + jnp.exp(log_scale) * eps
         log_q = log_q - log_scale.reshape(x.shape[0], -1).sum(-1)

@@ -45,40 +45,46 @@ class PixelCNNParameters(StrictConfig):
 
 
 def _mask(kind: str, height: int, width: int) -> np.ndarray:
-    """Which kernel taps a masked convolution may use; the output pixel is at the centre tap.
+    """Which kernel taps a causal convolution may use.
 
-    ``vertical_a``: rows strictly above; ``vertical_b``: rows above and the centre row (its input
-    already depends only on rows above); ``horizontal_a``: left of the centre in the centre row;
-    ``horizontal_b``: left of and at the centre.
+    Kernels hold only the taps a stack can ever use, and the output pixel sits at the kernel's
+    last row (vertical) or last column (horizontal), see :meth:`MaskedConv.__call__`.
+    ``vertical_a``: the rows strictly above; ``vertical_b``: those and the pixel's own row (its
+    input already depends only on the rows above); ``horizontal_a``: pixels strictly to the left
+    in the same row; ``horizontal_b``: those and the pixel itself.
     """
-    rows, cols = np.meshgrid(np.arange(height) - height // 2, np.arange(width) - width // 2, indexing="ij")
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     allowed = {
-        "vertical_a": rows < 0,
-        "vertical_b": rows <= 0,
-        "horizontal_a": (rows == 0) & (cols < 0),
-        "horizontal_b": (rows == 0) & (cols <= 0),
+        "vertical_a": rows < height - 1,
+        "vertical_b": rows <= height - 1,
+        "horizontal_a": cols < width - 1,
+        "horizontal_b": cols <= width - 1,
     }[kind]
     return allowed.astype(np.float32)
 
 
 class MaskedConv(nnx.Module):
-    """SAME convolution whose kernel is multiplied by a static causal mask (see :func:`_mask`)."""
+    """Causal convolution: a ``(k//2+1, k)`` (vertical) or ``(1, k//2+1)`` (horizontal) kernel, padded
+    so that it covers only rows above / pixels to the left, times a static mask (see :func:`_mask`)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel: tuple[int, int], kind: str, *, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, kind: str, *, rngs: nnx.Rngs):
         self.kind = kind
-        self.kernel_shape = kernel
+        half = kernel_size // 2
+        vertical = kind.startswith("vertical")
+        self.kernel_shape = (half + 1, kernel_size) if vertical else (1, half + 1)
+        self.padding = ((half, 0), (half, half)) if vertical else ((0, 0), (half, 0))
         init = nnx.with_partitioning(
             nnx.initializers.lecun_normal(), ("spatial", "spatial", "conv_in", "conv_out"), eager_sharding=False
         )
         bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",), eager_sharding=False)
-        self.kernel = nnx.Param(init(rngs.params(), (*kernel, in_features, out_features), jnp.float32))
+        self.kernel = nnx.Param(init(rngs.params(), (*self.kernel_shape, in_features, out_features), jnp.float32))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         mask = jnp.asarray(_mask(self.kind, *self.kernel_shape))[:, :, None, None]
         kernel = self.kernel[...] * mask
         out = jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x, kernel.astype(x.dtype), (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
         return out + self.bias[...].astype(x.dtype)
 
@@ -89,8 +95,8 @@ class GatedLayer(nnx.Module):
     def __init__(self, in_features: int, channels: int, kernel_size: int, first: bool, num_classes: int, *, rngs):
         suffix = "a" if first else "b"
         self.first = first
-        self.vertical = MaskedConv(in_features, 2 * channels, (kernel_size, kernel_size), f"vertical_{suffix}", rngs=rngs)
-        self.horizontal = MaskedConv(in_features, 2 * channels, (1, kernel_size), f"horizontal_{suffix}", rngs=rngs)
+        self.vertical = MaskedConv(in_features, 2 * channels, kernel_size, f"vertical_{suffix}", rngs=rngs)
+        self.horizontal = MaskedConv(in_features, 2 * channels, kernel_size, f"horizontal_{suffix}", rngs=rngs)
         self.v_to_h = layers.dense(2 * channels, 2 * channels, ("embed", "mlp"), rngs=rngs)
         self.h_out = layers.dense(channels, channels, ("mlp", "embed"), rngs=rngs)
         self.embed = (
