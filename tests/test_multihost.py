@@ -90,6 +90,21 @@ def test_two_processes_match_one_process_with_engine_options_on(tmp_path):
     assert_close(runs[1], runs[2])
 
 
+def test_tensor_parallel_dit_on_two_processes_matches_one_process(tmp_path):
+    """A DiT with attention heads and MLP split over tensor=2 (fsdp=2, data=2): 2 x 4 == 1 x 8."""
+    options = ["model.model_class=dit", "data.normalize=levels", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+               "model.parameters={hidden_size: 32, depth: 1, num_heads: 2, patch_size: 2, num_classes: 10}",
+               "training.max_steps=4"]
+    runs = {}
+    for processes, devices in ((2, 4), (1, 8)):
+        workdir = tmp_path / f"{processes}x{devices}"
+        run = Launch(processes, devices, workdir, *options)
+        assert run.finish() == 0, run.output[-4000:]
+        runs[processes] = checkpoint_arrays(workdir / "checkpoints" / "4")
+    assert any("query" in name for name in runs[1])
+    assert_close(runs[1], runs[2])
+
+
 @pytest.mark.parametrize("devices", [8, 1])
 def test_a_two_process_checkpoint_continues_on_one_process(two_by_four, tmp_path, devices):
     run = Launch(1, devices, tmp_path, "--restore", str(two_by_four / "checkpoints" / "7"))
