@@ -145,3 +145,39 @@ def test_lower_bounds_file_pins_every_lower_bound():
             pins[canonicalize_name(name)] = Version(version)
     pins.pop("jaxlib")  # jax's own dependency, pinned beside it
     assert pins == bounds
+
+
+def test_deprecations_in_our_code_fail_the_tests(tmp_path):
+    """pyproject's filterwarnings: a deprecated flax call made from a workshop_dist module errors,
+    the same call made from elsewhere only warns."""
+    (tmp_path / "test_probe.py").write_text(
+        textwrap.dedent(
+            """
+            import types
+            import jax.numpy as jnp
+            from flax import nnx
+
+            CALL = "def read(p):\\n    return p.value\\n"  # '.value' is deprecated in flax 0.12
+
+            def caller(name):
+                module = types.ModuleType(name)
+                exec(CALL, module.__dict__)
+                return module.read
+
+            def test_from_workshop_dist():
+                caller("workshop_dist.some_module")(nnx.Param(jnp.ones(2)))
+
+            def test_from_elsewhere():
+                caller("someone_else")(nnx.Param(jnp.ones(2)))
+            """
+        )
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(root / "pyproject.toml"),
+         "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "FAILED test_probe.py::test_from_workshop_dist - DeprecationWarning" in result.stdout
+    assert "1 failed, 1 passed, 1 warning" in result.stdout  # the other call still warns
