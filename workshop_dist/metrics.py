@@ -172,24 +172,18 @@ class MetricsLogger:
 
     def flush(self) -> None:
         if self.enabled:
-            if self._writer is not None:
-                self._writer.flush()
-            if self._jsonl is not None:
-                self._jsonl.flush()
+            for sink in (self._writer, self._jsonl):
+                if sink is not None:
+                    sink.flush()
             if self._synced is not None:
                 self._synced.sync()
 
     def close(self) -> None:
         if not self.enabled:
             return
-        if self._writer is not None:
-            self._writer.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._wandb is not None:
-            self._wandb.close()
-        if self._synced is not None:
-            self._synced.close()
+        for sink in (self._writer, self._jsonl, self._wandb, self._synced):
+            if sink is not None:
+                sink.close()
         self._writer = self._jsonl = self._wandb = self._synced = None
         self.enabled = False
 

@@ -100,6 +100,19 @@ __doc__ = (
 )
 
 
+def _field_used_validator(type_field: str, users: dict[str, Any]) -> Any:
+    """A field validator rejecting a field set for a ``type_field`` value that ignores it.
+
+    Field-level (so the error names the field); runs only for fields given as input.
+    """
+
+    def used_by_type(cls: type, value: Any, info: pydantic.ValidationInfo) -> Any:
+        _check_field_used(cls, info.field_name, value, info.data.get(type_field), type_field, users)
+        return value
+
+    return pydantic.field_validator(*users)(classmethod(used_by_type))
+
+
 class OptimizerConfiguration(StrictConfig):
     """Which optax optimizer, its hyperparameters and gradient clipping."""
 
@@ -120,13 +133,7 @@ class OptimizerConfiguration(StrictConfig):
     )
     gradient_clip_value: float | None = pydantic.Field(None, gt=0, description="Clip each gradient to [-v, v].")
 
-    @pydantic.field_validator(*OPTIMIZER_FIELD_USERS)
-    @classmethod
-    def _used_by_type(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
-        # Field-level (so the error names the field); runs only for fields given as input.
-        kind = info.data.get("optimizer_type")
-        _check_field_used(cls, info.field_name, value, kind, "optimizer_type", OPTIMIZER_FIELD_USERS)
-        return value
+    _used_by_type = _field_used_validator("optimizer_type", OPTIMIZER_FIELD_USERS)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> OptimizerConfiguration:
@@ -152,12 +159,7 @@ class SchedulerConfiguration(StrictConfig):
     decay_steps: int | None = pydantic.Field(None, gt=0)
     staircase: bool = False
 
-    @pydantic.field_validator(*SCHEDULER_FIELD_USERS)
-    @classmethod
-    def _used_by_type(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
-        kind = info.data.get("scheduler_type")
-        _check_field_used(cls, info.field_name, value, kind, "scheduler_type", SCHEDULER_FIELD_USERS)
-        return value
+    _used_by_type = _field_used_validator("scheduler_type", SCHEDULER_FIELD_USERS)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> SchedulerConfiguration:

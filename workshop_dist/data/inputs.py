@@ -40,13 +40,9 @@ class TrainInput:
         local_batch_size: int,
         worker_count: int,
     ):
-        self._dataset = dataset
-        self._batches = batches
-        self.steps_per_epoch = steps_per_epoch
-        self.num_examples = num_examples
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = local_batch_size
-        self._worker_count = worker_count
+        self._dataset, self._batches, self._worker_count = dataset, batches, worker_count
+        self.steps_per_epoch, self.num_examples = steps_per_epoch, num_examples
+        self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
         self._iterator: grain.DatasetIterator | None = None
         self._state_at_close: dict[str, Any] | None = None
 
@@ -146,12 +142,9 @@ class EvalInput:
         local_batch_size: int,
         first_batch: Callable[[], Batch],
     ):
-        self._make_iterator = make_iterator
-        self._first_batch = first_batch
-        self.num_examples = num_examples
-        self.num_batches = num_batches
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = local_batch_size
+        self._make_iterator, self._first_batch = make_iterator, first_batch
+        self.num_examples, self.num_batches = num_examples, num_batches
+        self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
 
     @functools.cached_property
     def element_spec(self) -> dict[str, Any]:

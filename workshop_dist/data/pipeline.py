@@ -110,17 +110,10 @@ def array_train_input(
     Same epochs, sharding, shuffling and state as :func:`make_train_input`. The arrays
     are used as given (no normalization), except float64 becomes float32.
     """
-    return _train_input(
-        ExampleReader(ArraySource(_in_memory(examples))),
-        _identity,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        shuffle=shuffle,
-        random_flip=False,
-        worker_count=worker_count,
-        prefetch=prefetch,
-        process=_process(process_index, process_count),
-    )
+    reader = ExampleReader(ArraySource(_in_memory(examples)))
+    process = _process(process_index, process_count)
+    return _train_input(reader, _identity, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
+                        random_flip=False, worker_count=worker_count, prefetch=prefetch, process=process)
 
 
 def array_eval_input(
