@@ -1,0 +1,25 @@
+"""The benchmarks that CI runs as smoke checks: they must run and print their ratios."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_", "XLA_"))}
+    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env,
+                            cwd=REPO / "benchmarks", timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_mfu_benchmark_smoke_prints_both_loops_and_their_ratio():
+    out = run_benchmark("mfu.py", "--size", "tiny", "--repeats", "2")
+    for loop in ("trainer", "bare"):
+        assert re.search(rf"{loop}: step +[\d.]+ ms \| +[\d.]+ images/s \| +[\d.]+ TFLOP/s", out), out
+    ratio = float(re.search(r"Trainer / bare \(speed\) = ([\d.]+)", out).group(1))
+    assert 0.2 < ratio < 5, out  # a smoke check: both loops ran the same work
