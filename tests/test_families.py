@@ -108,7 +108,7 @@ def test_family_dry_run_compiles_one_step(name):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     result = subprocess.run(
         [sys.executable, "-m", "workshop_dist.cli", "--config", str(REPO / "configs" / f"{name}.yaml"), "--dry-run",
-         "mesh.data=1", "mesh.fsdp=8"],
+         "mesh.data=1", "mesh.fsdp=8", "training.batch_size=64"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
