@@ -83,6 +83,8 @@ def load(workdir: Path):
     One device: evaluation here is small, and any batch size splits over it (a checkpoint
     restores onto any mesh).
     """
+    import logging
+
     import jax
 
     from workshop_dist import data, parallel
@@ -91,6 +93,7 @@ def load(workdir: Path):
     from workshop_dist.parallel import MeshConfiguration
     from workshop_dist.training import Trainer
 
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax: "metrics" item not restored (not needed)
     config = ExperimentConfiguration.load(workdir / "config.yaml", [])
     training = config.training
     train_input = data.make_train_input(
@@ -182,6 +185,35 @@ def evaluate(
     return scores
 
 
+def run_family(
+    family: str,
+    config: Path,
+    workdir: Path,
+    overrides: list[str],
+    nll_options: dict[str, Any],
+    args: argparse.Namespace,
+    num_samples: int,
+    root: Path,
+) -> dict[str, Any]:
+    """Train one family, load its checkpoint, score it; print and return its table row."""
+    seconds = train(config, workdir, overrides, root / f"{family}.log")
+    trainer, resolved = load(workdir)
+    if args.quick:
+        nll_options = {**nll_options, **{k: QUICK_NLL[k] for k in nll_options if k in QUICK_NLL}}
+    grid = Path(args.grids) / f"{family}.png" if args.grids else None
+    start = time.perf_counter()
+    scores = evaluate(trainer, resolved, nll_options, num_samples, 64, grid)
+    trainer.close()
+    nll = f"{scores['nll']:.1f}" if scores["nll"] is not None else "-"
+    accuracy = f", class accuracy {scores['accuracy']:.3f}" if "accuracy" in scores else ""
+    print(
+        f"{family}: {trainer.step} steps in {seconds:.0f} s, NLL {nll}, FD {scores['fd']:.1f}{accuracy} "
+        f"(evaluation {time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    return {"family": family, "steps": trainer.step, "seconds": seconds, **scores}
+
+
 def table(rows: list[dict[str, Any]], floor: float) -> str:
     lines = [
         f"| family | config | steps | train time | test NLL (nats/image) | FD (floor {floor:.1f}) | FD / floor | class accuracy |",
@@ -251,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         f"floor FD(test, train) {floor:.2f}",
         flush=True,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
     try:
         for family in families:
             config_name, nll_options = configs[family], FAMILIES[family][1]
@@ -261,24 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             workdir = root / family
             print(f"{family}: training {config_name} in {workdir} ...", flush=True)
-            seconds = train(config, workdir, overrides, root / f"{family}.log")
-            trainer, resolved = load(workdir)
-            options = {
-                **nll_options,
-                **({k: QUICK_NLL[k] for k in nll_options if k in QUICK_NLL} if args.quick else {}),
-            }
-            grid = Path(args.grids) / f"{family}.png" if args.grids else None
-            scores = evaluate(trainer, resolved, options, num_samples, 64, grid)
-            trainer.close()
-            rows.append(
-                {"family": family, "config": config_name, "steps": trainer.step, "seconds": seconds, **scores}
-            )
-            nll = f"{scores['nll']:.1f}" if scores["nll"] is not None else "-"
-            print(
-                f"{family}: {trainer.step} steps in {seconds:.0f} s, NLL {nll}, FD {scores['fd']:.1f}"
-                + (f", class accuracy {scores['accuracy']:.3f}" if "accuracy" in scores else ""),
-                flush=True,
-            )
+            try:
+                row = run_family(family, config, workdir, overrides, nll_options, args, num_samples, root)
+            except Exception as err:  # one broken family must not cost the others' results
+                failed.append(family)
+                print(f"FAILED {family}: {type(err).__name__}: {err}", flush=True)
+                continue
+            rows.append({"config": config_name, **row})
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
@@ -286,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
