@@ -13,7 +13,7 @@ import pytest
 
 from workshop_dist import data
 from workshop_dist.experiment import ExperimentConfiguration
-from workshop_dist.parallel import MeshConfiguration, make_mesh
+from workshop_dist.parallel import make_mesh
 from workshop_dist.training import Trainer
 from workshop_dist.training.preemption import Preempted, PreemptionWatcher
 
