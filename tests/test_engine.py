@@ -227,3 +227,14 @@ def test_a_loss_only_model_still_trains_and_evaluates_exactly_with_a_warning():
     assert trainer.evaluate(data, batch_size=64)["loss"] == pytest.approx(expected, rel=1e-5)  # 36 padded rows masked
     trainer.train_epoch()
     assert trainer.step > 0
+
+
+def test_sample_grids_of_level_data_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    trainer = trainer_for(model("LabelModel"), train=None, val=None, workdir=tmp_path, num_samples=10)
+    trainer.experiment_config = {"data": {"normalize": "levels", "source": "digits"}}
+    pixels = np.asarray(Image.open(trainer.write_samples()).convert("L"), np.float32)
+    # samples are filled with their label 0..9 (levels out of 16): grey rows, not saturated white
+    values = set(np.unique(pixels).astype(int))
+    assert len(values) >= 10 and 0 in values

@@ -68,8 +68,17 @@ def write_sample_grid(trainer: Trainer, count: int, path: Path) -> Path:
         labels = np.repeat(np.arange(classes), per_class)
         count, columns = len(labels), per_class
     images = trainer.generate_samples(count, labels=labels)
-    grid = samples.image_grid(images, columns=columns)
+    grid = samples.image_grid(images / _data_max(trainer, images), columns=columns)
     if is_primary():
         samples.save_png(grid, path)
         trainer.metrics_logger.log_images(trainer.step, {"samples": grid[None]})
     return path
+
+
+def _data_max(trainer: Trainer, images: np.ndarray) -> float:
+    """The pixel value shown as white: the top level for integer-level data (``data.normalize: levels``)."""
+    data = (trainer.experiment_config or {}).get("data") or {}
+    if data.get("normalize") == "levels":
+        return float(data.get("max_level") or (16 if data.get("source") == "digits" else 255))
+    top = float(np.max(images)) if images.size else 1.0
+    return top if top > 1.5 else 1.0  # in-memory level data without a config: its own maximum
