@@ -30,6 +30,8 @@ from workshop_dist.models.registry import register_model
 
 
 class DiTParameters(DiffusionParameters):
+    """The diffusion options plus the transformer's sizes (DiT-S/2 is hidden 384, depth 12, 6 heads)."""
+
     patch_size: int = pydantic.Field(2, ge=1, description="Side of the square patches (tokens).")
     hidden_size: int = pydantic.Field(128, ge=1, description="Token width.")
     depth: int = pydantic.Field(4, ge=1, description="Transformer blocks.")
