@@ -19,6 +19,10 @@ An optional R1 penalty (Mescheder et al., 2018), ``r1_gamma / 2 * |grad_x D(x)|^
 images, is added to the discriminator's loss. With ``num_classes`` the generator gets a
 label embedding next to its noise and the discriminator is a projection discriminator
 (Miyato & Koyama, 2018): ``D(x, y) = w.h(x) + embed(y).h(x)``.
+
+``configs/gan_digits.yaml`` (widths 16-32-64, conditional, EMA samples) reaches FD 45.3 on the
+digits, 1.80x the floor of real held-out data (``benchmarks/digits_quality.py``). Wider nets
+(32-64-128) cost ~15x more per step on CPU (XLA:CPU's transposed convolutions) and R1 ~3x.
 """
 
 from __future__ import annotations
