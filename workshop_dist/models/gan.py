@@ -37,6 +37,7 @@ import pydantic
 from flax import nnx
 
 from workshop_dist.config import ConfigError, StrictConfig
+from workshop_dist.models import layers
 from workshop_dist.models.base import GenerativeModel
 from workshop_dist.models.config import ModelConfiguration
 from workshop_dist.models.registry import register_model, validate_parameters
@@ -83,14 +84,7 @@ def _conv(
 
 
 def _dense(d_in: int, d_out: int, axes: tuple[str, str], dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
-        kernel_init=_named(nnx.initializers.lecun_normal(), axes),
-        bias_init=_named(nnx.initializers.zeros_init(), (axes[1],)),
-        param_dtype=dtype,
-        rngs=rngs,
-    )
+    return layers.dense(d_in, d_out, axes, rngs=rngs, param_dtype=dtype)
 
 
 def _embed(num: int, dim: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Embed:

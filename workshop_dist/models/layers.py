@@ -7,7 +7,9 @@ and the trainer places parameters from these names (see :mod:`workshop_dist.para
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -15,13 +17,16 @@ def _named(init, axes: Sequence[str | None]):
     return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
 
 
-def dense(in_features: int, out_features: int, axes: tuple[str, str], *, rngs: nnx.Rngs) -> nnx.Linear:
+def dense(
+    in_features: int, out_features: int, axes: tuple[str, str], *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32
+) -> nnx.Linear:
     """Linear layer with kernel axes ``axes`` (in, out) and bias axis ``axes[1]``."""
     return nnx.Linear(
         in_features,
         out_features,
         kernel_init=_named(nnx.initializers.lecun_normal(), axes),
         bias_init=_named(nnx.initializers.zeros_init(), (axes[1],)),
+        param_dtype=param_dtype,
         rngs=rngs,
     )
 
