@@ -159,16 +159,17 @@ class Engine:
         self.metric_names = sorted(shapes)
         train_steps, on_device = steps.make_train_steps(self.train_step, self.metric_names, self.batch_sharding)
         replicated = parallel.replicated(self.mesh)
+        carry = _carry(self.state_shardings)
         self._train_steps = jax.jit(
-            train_steps,
-            in_shardings=(self.state_shardings, self.stacked_sharding),
-            out_shardings=(self.state_shardings, replicated),
+            _lean(train_steps),
+            in_shardings=(carry, replicated, self.stacked_sharding),
+            out_shardings=(carry, replicated),
             donate_argnums=0,
         )
         self._train_steps_on_device = jax.jit(
-            on_device,
-            in_shardings=(self.state_shardings, None, replicated),
-            out_shardings=(self.state_shardings, replicated),
+            _lean(on_device),
+            in_shardings=(carry, replicated, None, replicated),
+            out_shardings=(carry, replicated),
             donate_argnums=0,
         )
 
@@ -178,18 +179,37 @@ class Engine:
 
     def train_steps(self, state: TrainingState, batches: Batch) -> tuple[TrainingState, jax.Array]:
         """``n`` steps on batches stacked ``[n, B, ...]`` (global arrays); metrics ``[n, len(metric_names)]``."""
-        return self._train_steps(state, batches)
+        carry, metrics = self._train_steps(_carry(state), state.rng, batches)
+        return carry.replace(rng=state.rng, best_loss=state.best_loss), metrics
 
     def train_steps_on_device(self, state: TrainingState, data: Batch, indices: jax.Array) -> tuple[TrainingState, jax.Array]:
         """``n`` steps on ``data[indices[i]]`` gathered on the mesh."""
-        return self._train_steps_on_device(state, data, indices)
+        carry, metrics = self._train_steps_on_device(_carry(state), state.rng, data, indices)
+        return carry.replace(rng=state.rng, best_loss=state.best_loss), metrics
 
     def lower(self, state: TrainingState, batches: Batch) -> jax.stages.Lowered:
-        return self._train_steps.lower(state, batches)
+        return self._train_steps.lower(_carry(state), state.rng, batches)
 
     def eval_params(self, state: TrainingState) -> Any:
         """The params evaluation and sampling use (the EMA when on)."""
         return state.ema_params if self.config.ema_for_eval and state.ema_params is not None else state.params
+
+
+def _carry(state: TrainingState) -> TrainingState:
+    """What a call of steps changes and donates: the state without its rng and best loss.
+
+    Fewer arrays cross the jit boundary (dispatch cost grows with arrays x devices: ~5% of a
+    small model's step on 8 devices); the rng is a read-only input, the best loss untouched.
+    """
+    return state.replace(rng=None, best_loss=None)
+
+
+def _lean(steps_fn: Any) -> Any:
+    def lean(carry: TrainingState, rng: jax.Array, *inputs: Any) -> tuple[TrainingState, jax.Array]:
+        state, metrics = steps_fn(carry.replace(rng=rng, best_loss=jnp.zeros((), jnp.float32)), *inputs)
+        return _carry(state), metrics
+
+    return lean
 
 
 def _update_rule(model: nnx.Module, config: TrainingConfiguration, total_steps: int | None) -> steps.UpdateRule:
