@@ -37,6 +37,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 Batch = dict[str, jax.Array]
@@ -55,7 +56,10 @@ class GenerativeModel(nnx.Module):
         self, batch: Batch, rng: jax.Array, *, step: jax.Array | None = None, group: str | None = None
     ) -> tuple[jax.Array, Metrics]:
         values = self.example_losses(batch, rng, step=step, group=group)
-        metrics = {name: value.mean() for name, value in values.items()}
+        names = list(values)
+        # one reduction over the batch for all values (one all-reduce on a mesh, not one per metric)
+        means = jnp.stack([jnp.asarray(values[name], jnp.float32) for name in names]).mean(axis=1)
+        metrics = {name: means[index] for index, name in enumerate(names)}
         return metrics["loss"], metrics
 
     def sample(self, rng: jax.Array, num_samples: int, *, labels: jax.Array | None = None, **options: Any) -> jax.Array:
