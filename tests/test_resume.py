@@ -15,21 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import StreamedProcess, checkpoint_arrays
+from tests.helpers import STEPS_PER_EPOCH, StreamedProcess, checkpoint_arrays, resume_run_settings
 from workshop_dist.training.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH = 1000 // 128
 EPOCHS = 6
 FINAL = EPOCHS * STEPS_PER_EPOCH
-RUN = [
-    f"training.num_epochs={EPOCHS}",
-    "training.save_frequency=4",
-    "training.log_frequency=1",
-    "training.checkpoint.max_to_keep=3",
-    "training.scheduler.warmup_steps=5",
-    "training.num_samples=4",
-]
+RUN = resume_run_settings(EPOCHS)
 
 
 def Run(workdir: Path, *extra: str) -> StreamedProcess:
