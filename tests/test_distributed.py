@@ -26,11 +26,14 @@ CLUSTER_VARS = [
     "SLURM_NTASKS",
     "SLURM_PROCID",
     "SLURM_LOCALID",
+    "SLURM_STEP_NUM_TASKS",
     "OMPI_MCA_orte_hnp_uri",
+    "OMPI_COMM_WORLD_SIZE",
     "KUBERNETES_SERVICE_HOST",
     "JOB_COMPLETION_INDEX",
     "TPU_WORKER_HOSTNAMES",
     "TPU_PROCESS_ADDRESSES",
+    "TPU_PROCESS_ADDRESSES_PATH",
 ]
 
 
@@ -39,6 +42,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """A laptop: no cluster variables at all."""
     for name in CLUSTER_VARS:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "_tpu_chips_attached", lambda: False)
     return monkeypatch
 
 
@@ -144,11 +148,20 @@ def _slurm(env: pytest.MonkeyPatch, ntasks: int) -> None:
 
 def test_slurm_step_with_several_tasks_is_detected(clean_env, fake_initialize):
     _slurm(clean_env, ntasks=4)
-    assert distributed.detect_cluster().__name__ == "SlurmCluster"
+    assert distributed.detect_cluster() == distributed.Cluster("Slurm", "slurm", 4)
     assert initialize() is True
     [call] = fake_initialize
-    assert call["cluster_detection_method"] == "slurm"
+    # JAX's own auto-detection: no method forced, no coordinator, count or id passed.
+    assert call["cluster_detection_method"] is None
     assert call["coordinator_address"] is None  # JAX derives it from the node list
+    assert "num_processes" not in call and "process_id" not in call
+
+
+def test_forcing_a_present_cluster_type_names_it_to_jax(clean_env, fake_initialize):
+    _slurm(clean_env, ntasks=2)
+    assert initialize(DistributedConfiguration(cluster_detection="slurm")) is True
+    [call] = fake_initialize
+    assert call["cluster_detection_method"] == "slurm"
 
 
 def test_slurm_with_one_task_stays_single_process(clean_env, fake_initialize):
@@ -172,10 +185,68 @@ def test_kubernetes_pod_outside_an_indexed_job_is_not_a_cluster(clean_env, fake_
     clean_env.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     assert distributed.detect_cluster() is None
     assert initialize() is False
+    assert fake_initialize == []
 
 
-def test_shutdown_without_initialize_is_a_no_op():
+def _jax_finds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """jax.distributed.initialize as it behaves when none of its detectors matches."""
+
+    def initialize(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+
+
+def test_tpu_chips_without_a_slice_stay_single_process(clean_env, monkeypatch):
+    monkeypatch.setattr(distributed, "_tpu_chips_attached", lambda: True)
+    assert distributed.detect_cluster().method == "gcetpu"
+    _jax_finds_nothing(monkeypatch)
+    assert initialize() is False
+
+
+def test_an_indexed_job_jax_cannot_join_is_a_clear_error(clean_env, monkeypatch):
+    clean_env.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    clean_env.setenv("JOB_COMPLETION_INDEX", "0")
+    _jax_finds_nothing(monkeypatch)
+    with pytest.raises(ConfigError, match=r"(?s)Detected a Kubernetes indexed Job.*fix: set distributed\.coordinator_address"):
+        initialize()
+
+
+def test_detection_reads_only_the_given_environment(monkeypatch):
+    monkeypatch.setattr(distributed, "_tpu_chips_attached", lambda: False)
+    assert distributed.detect_cluster(env={}) is None
+    ompi = {"OMPI_MCA_orte_hnp_uri": "1234.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "8"}
+    assert distributed.detect_cluster(env=ompi) == distributed.Cluster("Open MPI", "ompi", 8)
+    gke = {"TPU_WORKER_HOSTNAMES": "w0,w1", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    assert distributed.detect_cluster(env=gke).method == "gketpu"  # before the pod's own Kubernetes
+    assert distributed.detect_cluster("off", env=ompi) is None
+
+
+@pytest.fixture
+def fake_shutdown(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    monkeypatch.setattr(jax.distributed, "shutdown", lambda: calls.append("shutdown"))
+    return calls
+
+
+def test_shutdown_leaves_only_when_joined(monkeypatch, fake_shutdown):
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     distributed.shutdown()
+    assert fake_shutdown == []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    distributed.shutdown()
+    assert fake_shutdown == ["shutdown"]
+
+
+def test_a_failing_shutdown_is_logged_not_raised(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("peer gone")
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax.distributed, "shutdown", broken)
+    with caplog.at_level("WARNING", logger="workshop_dist.distributed"):
+        distributed.shutdown()
+    assert "jax.distributed.shutdown failed: peer gone" in caplog.text
 
 
 def test_topology_summary_is_one_line():
@@ -189,6 +260,7 @@ def test_topology_summary_is_one_line():
     assert distributed.is_primary()
 
 
+@pytest.mark.slow
 def test_import_has_no_side_effects():
     code = (
         "import workshop_dist.distributed, sys; from jax._src import xla_bridge; "

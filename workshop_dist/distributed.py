@@ -12,8 +12,10 @@ from, in this order:
    e.g. ``0`` or ``0,1``) restricts the GPUs a process uses.
 2. **Cluster detection** (``cluster_detection: auto``): on a multi-worker Cloud TPU VM slice,
    a GKE TPU slice, a Slurm step with several tasks, an Open MPI job, or an indexed
-   Kubernetes Job, JAX finds the coordinator and process ids itself. We only ask it to when
-   such an environment is really present, so a laptop run never waits for a coordinator.
+   Kubernetes Job, ``jax.distributed.initialize()``'s own auto-detection finds the
+   coordinator and process ids. We only call it when such a launcher's variables (or TPU
+   chips) are really present, so a laptop run never waits for a coordinator, and a launcher
+   that says it started one process stays single-process.
 3. Otherwise the run is **single-process** and nothing is initialized.
 
 Nothing here runs at import time: Grain's worker processes re-import modules.
@@ -22,9 +24,10 @@ Nothing here runs at import time: Grain's worker processes re-import modules.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
@@ -153,49 +156,69 @@ def resolve_settings(
     )
 
 
-def detect_cluster(method: ClusterDetection = "auto") -> Any | None:
-    """The JAX cluster environment this process runs in, or None (a laptop, a CI box).
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A launcher that started this process as one of several, as its own variables show."""
 
-    Uses JAX's own detectors (``ClusterEnv`` subclasses). They only read environment
-    variables, except on Cloud TPU VMs where they ask the metadata server; a Kubernetes pod
-    counts only when it belongs to an indexed Job (``JOB_COMPLETION_INDEX``).
-    """
-    if method == "off":
-        return None
-    try:
-        from jax._src import clusters
-    except ImportError:  # pragma: no cover - JAX moved its private module
-        logger.warning("JAX cluster detection is unavailable in this JAX version; running single-process.")
-        return None
-    for env in clusters.ClusterEnv._cluster_types:
-        name = getattr(env, "name", "")
-        if method != "auto" and name != method:
-            continue
-        if method == "auto" and getattr(env, "opt_in_only_method", False):
-            continue
-        if env.__name__ == "K8sCluster" and "JOB_COMPLETION_INDEX" not in os.environ:
-            continue
-        try:
-            present = env.is_env_present()
-        except Exception as err:  # a detector must never break a local run
-            logger.debug("Cluster detector %s failed: %s", env.__name__, err)
-            present = False
-        if present:
-            return env
-    if method != "auto":
-        raise ConfigError(
-            f"distributed.cluster_detection={method!r} but this is not a {method} environment; "
-            "use 'auto', 'off', or set the coordinator, process count and id explicitly."
-        )
+    name: str  # for the log line
+    method: str  # JAX's name for its detector (``cluster_detection_method``)
+    process_count: int | None  # None: only JAX can tell (it asks the cloud's metadata or API)
+
+
+def _count(env: Mapping[str, str], *names: str) -> int | None:
+    for name in names:
+        raw = env.get(name, "").strip()
+        if raw.isdigit():
+            return int(raw)
     return None
 
 
-def _detected_process_count(env: Any) -> int | None:
-    try:
-        return int(env.get_process_count())
-    except Exception as err:  # let jax.distributed.initialize report it properly
-        logger.debug("Could not read the process count from %s: %s", env.__name__, err)
+def _tpu_chips_attached() -> bool:
+    """TPU chips show up as ``/dev/accel*`` (up to v4) or VFIO groups (v5e, v5p, v6e) on a TPU VM."""
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+# The launchers JAX's detectors serve, recognised by the variables each launcher documents (a
+# Kubernetes pod counts only as part of an indexed Job). This only decides *whether* to ask
+# JAX: ``jax.distributed.initialize()`` itself then finds the coordinator and the ranks.
+_LAUNCHERS: dict[str, Callable[[Mapping[str, str]], Cluster | None]] = {
+    "ompi": lambda env: Cluster("Open MPI", "ompi", _count(env, "OMPI_COMM_WORLD_SIZE"))
+    if "OMPI_MCA_orte_hnp_uri" in env or "OMPI_COMM_WORLD_SIZE" in env
+    else None,
+    "slurm": lambda env: Cluster("Slurm", "slurm", _count(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"))
+    if "SLURM_JOB_ID" in env and "SLURM_NTASKS" in env
+    else None,
+    "gketpu": lambda env: Cluster("a GKE TPU slice", "gketpu", None)
+    if any(name in env for name in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_PROCESS_ADDRESSES_PATH"))
+    else None,
+    "gcetpu": lambda env: Cluster("a Cloud TPU VM", "gcetpu", None) if _tpu_chips_attached() else None,
+    "k8s": lambda env: Cluster("a Kubernetes indexed Job", "k8s", None)
+    if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env
+    else None,
+    "mpi4py": lambda env: Cluster("mpi4py", "mpi4py", None),  # opt-in only: JAX asks MPI itself
+}
+
+
+def detect_cluster(method: ClusterDetection = "auto", env: Mapping[str, str] | None = None) -> Cluster | None:
+    """The multi-process launcher this process runs under, or None (a laptop, a CI box).
+
+    Reads environment variables only (and ``/dev`` for TPU chips), never the network.
+    """
+    env = os.environ if env is None else env
+    if method == "off":
         return None
+    if method != "auto":
+        found = _LAUNCHERS[method](env)
+        if found is None:
+            raise ConfigError(
+                f"distributed.cluster_detection={method!r} but this is not a {method} environment; "
+                "use 'auto', 'off', or set the coordinator, process count and id explicitly."
+            )
+        return found
+    for name, recognise in _LAUNCHERS.items():
+        if name != "mpi4py" and (found := recognise(env)) is not None:
+            return found
+    return None
 
 
 def initialize(config: DistributedConfiguration | None = None) -> bool:
@@ -245,17 +268,28 @@ def initialize(config: DistributedConfiguration | None = None) -> bool:
                 f"and distributed.process_id or ${ENV_PROCESS_ID}."
             )
         return False
-    count = _detected_process_count(cluster)
-    if count == 1:
-        logger.info("Detected %s with a single process: running single-process.", cluster.__name__)
+    if cluster.process_count == 1:
+        logger.info("Detected %s with a single process: running single-process.", cluster.name)
         return False
     _enable_cpu_collectives(config)
-    logger.info("Detected %s: joining its processes.", cluster.__name__)
-    jax.distributed.initialize(
-        coordinator_address=settings.coordinator_address,
-        cluster_detection_method=getattr(cluster, "name", "") or None,
-        **options,
-    )
+    logger.info("Detected %s: joining its processes.", cluster.name)
+    try:
+        # JAX's own auto-detection finds the coordinator, the process count and this process's id.
+        jax.distributed.initialize(
+            coordinator_address=settings.coordinator_address,
+            cluster_detection_method=None if config.cluster_detection == "auto" else cluster.method,
+            **options,
+        )
+    except ValueError as err:
+        if cluster.method != "gcetpu" or jax.distributed.is_initialized():
+            raise ConfigError(
+                f"Detected {cluster.name}, but jax.distributed.initialize() could not join its processes: {err}\n"
+                f"  fix: set distributed.coordinator_address, num_processes and process_id (or ${ENV_COORDINATOR_ADDRESS}, "
+                f"${ENV_NUM_PROCESSES}, ${ENV_PROCESS_ID}), or distributed.cluster_detection: off for one process."
+            ) from err
+        # TPU chips but no slice in the VM's metadata: one host on its own.
+        logger.info("JAX found no TPU slice to join (%s): running single-process.", err)
+        return False
     return True
 
 
