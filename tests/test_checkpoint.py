@@ -10,7 +10,7 @@ from flax import nnx
 
 from tests.helpers import digits_images, tiny_model_config
 from workshop_dist import Trainer, TrainingConfiguration, create_model, parallel
-from workshop_dist.checkpoint import CheckpointError, CheckpointManager
+from workshop_dist.checkpoint import CheckpointError, CheckpointManager, CheckpointMismatchError
 from workshop_dist.cli import main
 from workshop_dist.parallel import MeshConfiguration
 
@@ -35,6 +35,16 @@ def assert_same(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.fixture
+def workshop_log(caplog):
+    """caplog for the "workshop_dist" logger, which does not propagate to the root once a Logger exists."""
+    logger = logging.getLogger("workshop_dist")
+    logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.WARNING, logger="workshop_dist"):
+        yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 def test_periodic_checkpoints_keep_the_latest_n(tmp_path):
     trainer = make_trainer(tmp_path, steps_per_epoch=10, checkpoint={"max_to_keep": 3})
     trainer.train_epoch()
@@ -44,7 +54,7 @@ def test_periodic_checkpoints_keep_the_latest_n(tmp_path):
     assert {p.name for p in step_dir.iterdir()} >= {"state", "data", "metadata"}
 
 
-def test_unreadable_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+def test_unreadable_latest_checkpoint_falls_back_with_a_warning(tmp_path, workshop_log):
     trainer = make_trainer(tmp_path, steps_per_epoch=4)
     trainer.train_epoch()  # saves steps 2 and 4
     trainer.checkpoints.wait()
@@ -55,9 +65,8 @@ def test_unreadable_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog
         if path.is_file():
             path.write_bytes(b"garbage")
     fresh = make_trainer(tmp_path, steps_per_epoch=4)
-    with caplog.at_level(logging.WARNING, logger="workshop_dist"):
-        assert fresh.restore() == 2
-    assert "checkpoints/4 is unreadable" in caplog.text
+    assert fresh.restore() == 2
+    assert "checkpoints/4 is unreadable" in workshop_log.text
     assert fresh.step == 2
     assert_same(host_params(fresh), at_two)
 
@@ -80,6 +89,32 @@ def test_best_checkpoint_survives_pruning_of_the_latest(tmp_path):
     manager.wait()
     assert manager.all_steps() == [3, 9, 10]
     assert manager.best_step() == 3
+    manager.close()
+    reopened = CheckpointManager(tmp_path, max_to_keep=2)  # a restarted run reads the metrics back
+    assert reopened.best_step() == 3
+    reopened.close()
+
+
+def test_no_validation_loss_means_no_best_step(tmp_path):
+    manager = CheckpointManager(tmp_path, async_save=False)
+    manager.save(1, {"w": np.zeros(2)}, metadata={"step": 1})
+    assert manager.all_steps() == [1]
+    assert manager.best_step() is None
+    manager.close()
+
+
+def test_a_shape_mismatch_is_an_error_not_a_fallback(tmp_path, workshop_log):
+    manager = CheckpointManager(tmp_path, async_save=False)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for step in (1, 2):
+        manager.save(step, {"w": jax.device_put(np.arange(4.0, dtype=np.float32), sharding)}, metadata={"step": step})
+    wider = {"w": jax.ShapeDtypeStruct((5,), np.float32, sharding=sharding)}
+    with pytest.raises(CheckpointMismatchError) as err:
+        manager.restore(wider)
+    assert "w: checkpoint has shape (4,), the model expects (5,)" in str(err.value)
+    assert "/2 does not match" in str(err.value)  # the latest, with no fall back to step 1
+    assert "unreadable" not in workshop_log.text
+    manager.close()
 
 
 def test_fit_keeps_the_best_validation_checkpoint(tmp_path):

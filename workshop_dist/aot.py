@@ -164,12 +164,7 @@ def _quiet_libtpu(target: Target) -> None:
     (nothing compiled changes) and skip the lock, as no chip is touched. JAX itself stays on CPU."""
     import jax
 
-    attached = False
-    with contextlib.suppress(Exception):  # jax's own look for local TPU chips (a private module)
-        from jax._src import hardware_utils
-
-        attached = hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    if not attached:
+    if not hardware.tpu_chips_attached():
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.accelerator_type)
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

@@ -66,6 +66,10 @@ class CheckpointError(WorkshopError):
     """A checkpoint is missing, unreadable or does not fit the model/configuration."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint whose arrays do not fit the model/configuration (older ones would not either)."""
+
+
 def _grain_args():
     import grain.checkpoint as grain_checkpoint
 
@@ -117,7 +121,7 @@ def _path_str(path: tuple) -> str:
 
 
 def check_shapes(saved: Any, target: Any, where: str) -> None:
-    """Raise a CheckpointError naming each array whose saved shape differs from the target's."""
+    """Raise a CheckpointMismatchError naming each array whose saved shape differs from the target's."""
     saved_leaves = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
     target_leaves = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
     problems = []
@@ -131,7 +135,7 @@ def check_shapes(saved: Any, target: Any, where: str) -> None:
     problems += [f"{name}: in the checkpoint but not in the model" for name in saved_leaves if name not in target_leaves]
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"Checkpoint {where} does not match the model/configuration:\n  {shown}\n"
             "It was written by a different model or optimizer configuration: use the configuration it was "
             "saved with (stored in its 'config' item), or start in a fresh workdir."
@@ -174,7 +178,7 @@ class CheckpointManager:
     """Periodic, async checkpoints of a run; keeps the latest ``max_to_keep`` plus the best one.
 
     The best checkpoint is the one with the lowest ``val_loss`` among those saved with
-    metrics; the latest-N rule never removes it.
+    metrics (Orbax tracks it: ``best_fn``/``best_mode``); the latest-N rule never removes it.
     """
 
     def __init__(
@@ -193,7 +197,7 @@ class CheckpointManager:
             ]
         )
         options = ocp.CheckpointManagerOptions(
-            best_fn=lambda metrics: metrics[BEST_METRIC],  # makes Orbax store each save's metrics
+            best_fn=lambda metrics: metrics[BEST_METRIC],  # Orbax stores each save's metrics, ranks by it
             best_mode="min",
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
@@ -212,12 +216,7 @@ class CheckpointManager:
 
     def best_step(self) -> int | None:
         """The saved step with the lowest validation loss (None if none was saved with one)."""
-        scored = []
-        for step in self.all_steps():
-            metrics = self._manager.metrics(step)
-            if metrics and BEST_METRIC in metrics:
-                scored.append((float(metrics[BEST_METRIC]), step))
-        return min(scored)[1] if scored else None
+        return self._manager.best_step()
 
     def save(
         self,
@@ -264,9 +263,9 @@ class CheckpointManager:
                     data_iterator,
                 )
                 return state, metadata, candidate, data_restored
+            except CheckpointMismatchError:
+                raise
             except CheckpointError as err:
-                if "does not match" in str(err):
-                    raise
                 failures.append(f"{where}: {err}")
             except Exception as err:  # unreadable or damaged files: fall back to an older step
                 failures.append(f"{where}: {type(err).__name__}: {err}")

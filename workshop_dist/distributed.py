@@ -24,7 +24,6 @@ Nothing here runs at import time: Grain's worker processes re-import modules.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -174,8 +173,9 @@ def _count(env: Mapping[str, str], *names: str) -> int | None:
 
 
 def _tpu_chips_attached() -> bool:
-    """TPU chips show up as ``/dev/accel*`` (up to v4) or VFIO groups (v5e, v5p, v6e) on a TPU VM."""
-    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+    from workshop_dist.hardware import tpu_chips_attached
+
+    return tpu_chips_attached()
 
 
 # The launchers JAX's detectors serve, recognised by the variables each launcher documents (a

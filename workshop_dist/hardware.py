@@ -20,6 +20,8 @@ Devices not listed (CPUs included) report no MFU.
 
 from __future__ import annotations
 
+import glob
+
 import jax
 
 # Checked in order: more specific names first.
@@ -41,3 +43,11 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
     """Peak dense bf16 FLOP/s of one ``device`` (default: the first), or None if unknown."""
     kind = (device or jax.devices()[0]).device_kind
     return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
+
+
+def tpu_chips_attached() -> bool:
+    """Whether this machine has TPU chips: ``/dev/accel*`` (up to v4) or VFIO groups (v5e, v5p, v6e).
+
+    Reads ``/dev`` only, so it is safe before any JAX backend starts.
+    """
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
