@@ -252,7 +252,7 @@ def test_logging_section_in_the_experiment_config():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("logging.trackers=[mlflow]", "logging.trackers.0: Input should be 'tensorboard', 'jsonl' or 'wandb'"),
+        ("logging.trackers=[mlflow]", "logging.trackers.0: Input should be 'tensorboard', 'jsonl', 'wandb' or 'clu'"),
         ("logging.trackers=[jsonl,jsonl]", "logging.trackers: trackers lists jsonl more than once"),
         ("logging.wandb.project=mine", "logging: wandb.project set but trackers ['tensorboard', 'jsonl'] has no 'wandb'"),
         ("logging.console=loud", "logging.console: Input should be 'normal', 'quiet' or 'verbose'"),

@@ -13,7 +13,7 @@ import pydantic
 
 from workshop_dist.config import StrictConfig
 
-Tracker = Literal["tensorboard", "jsonl", "wandb"]
+Tracker = Literal["tensorboard", "jsonl", "wandb", "clu"]
 ConsoleVerbosity = Literal["normal", "quiet", "verbose"]
 CONSOLE_LEVELS: dict[str, int] = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
 
@@ -44,7 +44,8 @@ class LoggingConfiguration(StrictConfig):
     trackers: list[Tracker] = pydantic.Field(
         default_factory=lambda: ["tensorboard", "jsonl"],
         description="tensorboard: WORKDIR/logs/events.out.tfevents.*; jsonl: WORKDIR/logs/metrics.jsonl; "
-        "wandb: Weights & Biases (pip install 'workshop-dist[wandb]').",
+        "wandb: Weights & Biases (pip install 'workshop-dist[wandb]'); clu: CLU's metric writers, "
+        "event files in WORKDIR/logs/clu (they need TensorFlow: pip install 'workshop-dist[tensorflow]').",
     )
     console: ConsoleVerbosity = pydantic.Field(
         "normal", description="quiet: warnings and errors only; verbose: debug lines too. --quiet/--verbose win."

@@ -80,7 +80,8 @@ class MetricsLogger:
     """Scalars, images and hyperparameters to the configured trackers (``logging.trackers``).
 
     ``tensorboard``: event files (:mod:`workshop_dist.event_writer`); ``jsonl``: ``metrics.jsonl``;
-    ``wandb``: a Weights & Biases run (:class:`WandbTracker`). Every call writes through and flushes, so a
+    ``wandb``: a Weights & Biases run (:class:`WandbTracker`); ``clu``: CLU's metric writers
+    (:mod:`workshop_dist.clu_tracker`, needs TensorFlow). Every call writes through and flushes, so a
     killed run loses at most what was not yet logged. Call :meth:`close` at the end (it waits
     for the W&B run to finish).
     """
@@ -99,6 +100,7 @@ class MetricsLogger:
         self._writer = None
         self._jsonl = None
         self._wandb: WandbTracker | None = None
+        self._clu: Any = None
         # Cloud Storage cannot append: growing files are written locally and uploaded.
         self._synced: storage.SyncedDir | None = None
         local_dir = self.log_dir
@@ -125,6 +127,15 @@ class MetricsLogger:
                         "use a local --workdir with wandb, or drop wandb from logging.trackers."
                     )
                 self._wandb = WandbTracker(self.log_dir, self.config.wandb)
+            if "clu" in trackers:
+                if self._synced is not None:
+                    raise WorkshopError(
+                        "The clu tracker writes its event files straight into the log dir, which must be local: "
+                        "use a local --workdir with clu, or drop clu from logging.trackers."
+                    )
+                from workshop_dist.clu_tracker import CluTracker
+
+                self._clu = CluTracker(self.log_dir)
 
     @property
     def jsonl_path(self) -> storage.AnyPath:
@@ -147,6 +158,8 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log(step, scalars)
+        if self._clu is not None:
+            self._clu.log(step, scalars)
         self.flush()
 
     def log_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
@@ -158,6 +171,8 @@ class MetricsLogger:
             self._writer.write_images(step, arrays)
         if self._wandb is not None:
             self._wandb.log_images(step, arrays)
+        if self._clu is not None:
+            self._clu.log_images(step, arrays)
         self.flush()
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
@@ -168,11 +183,13 @@ class MetricsLogger:
             self._writer.write_hparams(flatten(hparams))
         if self._wandb is not None:
             self._wandb.log_config(hparams)
+        if self._clu is not None:
+            self._clu.log_config(flatten(hparams))
         self.flush()
 
     def flush(self) -> None:
         if self.enabled:
-            for sink in (self._writer, self._jsonl):
+            for sink in (self._writer, self._jsonl, self._clu):
                 if sink is not None:
                     sink.flush()
             if self._synced is not None:
@@ -181,10 +198,10 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        for sink in (self._writer, self._jsonl, self._wandb, self._synced):
+        for sink in (self._writer, self._jsonl, self._wandb, self._clu, self._synced):
             if sink is not None:
                 sink.close()
-        self._writer = self._jsonl = self._wandb = self._synced = None
+        self._writer = self._jsonl = self._wandb = self._clu = self._synced = None
         self.enabled = False
 
 
