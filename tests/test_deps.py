@@ -87,10 +87,15 @@ def test_broken_tfds_surfaces_the_root_cause_not_an_attribute_error():
     assert "has no attribute 'core'" not in result.stdout
 
 
-def test_working_dependency_is_returned():
-    tfds = require_tfds("read TFDS datasets")
-    assert callable(tfds.data_source)
-    assert require("json", "parse JSON").loads("[1]") == [1]
+def test_working_dependency_is_the_module_and_missing_attributes_are_caught():
+    import json
+
+    import tensorflow_datasets
+
+    assert require_tfds("read TFDS datasets") is tensorflow_datasets
+    assert require("json", "parse JSON", attributes=("loads",)) is json
+    with pytest.raises(DependencyError, match=r"'json' \(package json\) fails to import"):
+        require("json", "parse JSON", attributes=("no_such_function",))  # as a half-imported package looks
 
 
 def test_event_files_need_no_tensorflow(tmp_path):

@@ -69,7 +69,9 @@ def dependency_error(module: str, purpose: str, extra: str | None, cause: BaseEx
     """The :class:`DependencyError` for ``module`` failing with ``cause``."""
     top = module.split(".")[0]
     distribution = _distribution(top) or top.replace("_", "-")
-    missing = isinstance(cause, ModuleNotFoundError) and (cause.name or "").split(".")[0] == top
+    # Missing: the module asked for, or a package above it (not a submodule an installed package lacks).
+    absent = cause.name or "" if isinstance(cause, ModuleNotFoundError) else ""
+    missing = bool(absent) and (module == absent or module.startswith(absent + "."))
     if missing:
         headline = f"'{module}' (package {distribution}) is not installed; it is needed to {purpose}."
         fix = f'pip install "{PROJECT}[{extra}]"' if extra else f"pip install {distribution}"
