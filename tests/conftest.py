@@ -2,10 +2,20 @@
 
 A per-session persistent compilation cache lets the many small Trainers that compile the
 same step share XLA's work (a fresh directory each session: nothing stale carries over).
+
+The fast set (``python -m pytest -q -m "not slow"``, what a developer runs while working) must
+stay under 4 minutes on 2 cores. Its rule, enforced here: a test that starts a process (a
+subprocess, a multiprocessing worker) is marked ``@pytest.mark.slow``, and so is one that trains
+more than a few steps or compiles a large model (several seconds on 2 cores); a module where
+every test is such marks them all with ``pytestmark = pytest.mark.slow``.
 """
 
+import multiprocessing.process
 import os
+import subprocess
 import tempfile
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -16,3 +26,37 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="workshop_dist_jax_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# Libraries ask the system about itself through short-lived tools (ctypes.util.find_library
+# runs ldconfig or gcc): those are not the processes the rule is about.
+SYSTEM_PROBES = {"ldconfig", "gcc", "cc", "ld", "objdump", "uname", "lsb_release"}
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_processes(request, monkeypatch):
+    """Fails a test outside the slow set that starts a process: mark it slow instead."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    started: list[str] = []
+    popen_init, process_start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
+
+    def popen(self, args, *rest, **options):
+        command = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+        if os.path.basename(str(command[0]).split()[0]) not in SYSTEM_PROBES:
+            started.append(" ".join(map(str, command))[:200])
+        popen_init(self, args, *rest, **options)
+
+    def start(self):
+        started.append(f"multiprocessing {self.name}")
+        process_start(self)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+    yield
+    if started:
+        pytest.fail(
+            f"{request.node.nodeid} starts a process ({started[0]}) but is not marked slow: add "
+            "@pytest.mark.slow (see tests/conftest.py), or test it in-process",
+            pytrace=False,
+        )

@@ -33,6 +33,7 @@ def test_top_level_configs_dir_holds_the_packaged_default():
     assert (REPO / "configs" / "vae_digits.yaml").read_text() == default_config_path().read_text()
 
 
+@pytest.mark.slow
 def test_default_run_writes_checkpoints_metrics_samples_and_config(tmp_path):
     workdir = tmp_path / "run"
     cache = tmp_path / "jax_cache"

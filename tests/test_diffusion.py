@@ -84,7 +84,7 @@ def test_eps_v_conversions_are_consistent():
 @pytest.mark.parametrize(
     "kind, parameters",
     [
-        ("ddpm_unet", {"prediction": "eps", "loss": "simple", "schedule": "linear"}),
+        pytest.param("ddpm_unet", {"prediction": "eps", "loss": "simple", "schedule": "linear"}, marks=pytest.mark.slow),
         ("dit", {"prediction": "v", "loss": "simple", "num_classes": 10}),
         ("dit", {"prediction": "levels", "num_classes": 10}),
     ],
@@ -200,7 +200,10 @@ def test_dit_attention_and_mlp_are_sharded_over_tensor_and_match_one_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), grads, expected)
 
 
-@pytest.mark.parametrize("kind, remat", [("ddpm_unet", "full"), ("dit", "dots_saveable"), ("dit", "nothing_saveable")])
+@pytest.mark.parametrize(
+    "kind, remat",
+    [pytest.param("ddpm_unet", "full", marks=pytest.mark.slow), ("dit", "dots_saveable"), ("dit", "nothing_saveable")],
+)
 def test_remat_gives_the_same_loss_and_gradients(kind, remat):
     batch, key = digits_batch(4), jax.random.key(2)
     loss, grads = loss_and_grads(build(kind, num_classes=10), batch, key)
@@ -209,6 +212,7 @@ def test_remat_gives_the_same_loss_and_gradients(kind, remat):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), remat_grads, grads)
 
 
+@pytest.mark.slow
 # --- training -----------------------------------------------------------------------------------
 def test_short_training_lowers_the_bound():
     model = build("dit", num_classes=10)
@@ -240,7 +244,9 @@ def test_short_training_lowers_the_bound():
     assert time.perf_counter() - start < 60
 
 
-@pytest.mark.parametrize("name, kind", [("ddpm_unet_digits.yaml", "ddpm_unet"), ("dit_digits.yaml", "dit")])
+@pytest.mark.parametrize(
+    "name, kind", [pytest.param("ddpm_unet_digits.yaml", "ddpm_unet", marks=pytest.mark.slow), ("dit_digits.yaml", "dit")]
+)
 def test_shipped_configs_build_their_model(name, kind):
     from workshop_dist.experiment import ExperimentConfiguration
 

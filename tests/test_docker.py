@@ -5,7 +5,10 @@ they copy. No Docker engine is needed: the files are parsed."""
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -69,10 +72,31 @@ def test_data_and_workdir_are_volumes(kind):
     assert "WORKSHOP_DATA_DIR=/data" in env
 
 
+def pip_installs(path: Path) -> list[list[str]]:
+    """The requirement arguments of every ``pip install`` in the RUN lines, ARG defaults substituted."""
+    args = dict(a.split("=", 1) for a in values(path, "ARG") if "=" in a)
+    installs = []
+    for run in values(path, "RUN"):
+        for command in run.split("&&"):
+            words = shlex.split(command)
+            if words[:2] == ["pip", "install"]:
+                expanded = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], w) for w in words[2:]]
+                installs.append([w for w in expanded if not w.startswith("-")] + [w for w in expanded if w.startswith("-")])
+    return installs
+
+
 def test_installs_the_project_with_the_right_jax_build(kind):
-    runs = " ".join(values(DOCKERFILES[kind], "RUN"))
-    assert f'"jax[{JAX_EXTRA[kind]}]==${{JAX_VERSION}}"' in runs
-    assert "pip install --no-cache-dir --no-deps ." in runs
+    """jax with the accelerator's extra (one jax declares) at JAX_VERSION, then the project
+    without dependencies, so nothing replaces that jax build."""
+    installs = pip_installs(DOCKERFILES[kind])
+    jax_pins = [Requirement(w) for words in installs for w in words if w.startswith("jax[")]
+    [jax] = jax_pins
+    assert jax.extras == {JAX_EXTRA[kind]}
+    assert JAX_EXTRA[kind] in (importlib.metadata.metadata("jax").get_all("Provides-Extra") or [])
+    [arg] = [a for a in values(DOCKERFILES[kind], "ARG") if a.startswith("JAX_VERSION=")]
+    assert str(jax.specifier) == "==" + arg.split("=", 1)[1]
+    last = installs[-1]
+    assert "." in last and "--no-deps" in last, f"the last install must be the project alone: {last}"
 
 
 def test_pinned_jax_is_within_the_project_range(kind):
@@ -110,6 +134,7 @@ def test_dockerfiles_differ_only_in_the_jax_build():
     assert [(kw, a.replace("cuda13", "tpu")) for kw, a in gpu] == tpu
 
 
+@pytest.mark.slow  # starts hadolint
 def test_hadolint_is_clean(kind):
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
@@ -118,9 +143,76 @@ def test_hadolint_is_clean(kind):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_readme_has_build_and_run_lines():
-    readme = (DOCKER / "README.md").read_text()
-    assert "docker build -f docker/Dockerfile.gpu" in readme
-    assert "docker build -f docker/Dockerfile.tpu" in readme
-    assert "docker run --rm --init --gpus all" in readme
-    assert "-v " in readme and "/workdir" in readme and "JAX_COORDINATOR_ADDRESS" in readme
+def readme_commands(program: str) -> list[list[str]]:
+    """Every ``docker build`` / ``docker run`` in docker/README.md's shell blocks, as argv lists."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (DOCKER / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if f"docker {program} " not in line:
+                continue
+            line = line[line.index(f"docker {program} ") :].replace("\\$", "$").rstrip('"')
+            commands.append(shlex.split(line.split("#")[0]))
+    return commands
+
+
+DOCKER_RUN_VALUED = {"-v", "-e", "--gpus", "--network", "--stop-timeout", "--user", "--shm-size", "--name", "-w"}
+
+
+def split_run(argv: list[str]) -> tuple[dict[str, list[str]], str, list[str]]:
+    """``docker run OPTIONS IMAGE ARGS`` -> (options, image, the image's arguments)."""
+    options: dict[str, list[str]] = {}
+    words = argv[2:]
+    while words[0].startswith("-"):
+        flag = words.pop(0)
+        name, _, value = flag.partition("=")
+        if not value and name in DOCKER_RUN_VALUED:
+            value = words.pop(0)
+        options.setdefault(name, []).append(value)
+    return options, words[0], words[1:]
+
+
+def test_readme_builds_each_dockerfile_from_the_repository_root():
+    builds = readme_commands("build")
+    built = set()
+    for argv in builds:
+        dockerfile = argv[argv.index("-f") + 1]
+        assert (ROOT / dockerfile).is_file(), dockerfile
+        assert argv[-1] == ".", f"the build context must be the repository root: {shlex.join(argv)}"
+        declared = {a.split("=", 1)[0] for a in values(ROOT / dockerfile, "ARG")}
+        for i, word in enumerate(argv):
+            if word == "--build-arg":
+                name, value = argv[i + 1].split("=", 1)
+                assert name in declared, f"--build-arg {name}: not an ARG of {dockerfile}"
+                if name == "JAX_VERSION":
+                    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+                    [jax] = [Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("jax")]
+                    assert jax.specifier.contains(value), f"JAX_VERSION={value} is outside {jax.specifier}"
+        built.add((Path(dockerfile).name, argv[argv.index("-t") + 1]))
+    assert {name for name, _ in built} == {path.name for path in DOCKERFILES.values()}
+
+
+def test_readme_run_commands_use_built_images_mounted_paths_and_valid_trainer_arguments(tmp_path, capsys):
+    from workshop_dist.cli import main
+    from workshop_dist.distributed import ENV_COORDINATOR_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
+    tags = {argv[argv.index("-t") + 1].rsplit("/", 1)[-1] for argv in readme_commands("build")}
+    runs = readme_commands("run")
+    assert runs
+    for argv in runs:
+        options, image, arguments = split_run(argv)
+        assert image.rsplit("/", 1)[-1] in tags, f"{image}: no README build makes it"
+        kind = image.rsplit(":", 1)[-1]
+        mounts = {spec.split(":")[1]: spec.split(":")[0] for spec in options.get("-v", [])}
+        volumes = {v for line in values(DOCKERFILES[kind], "VOLUME") for v in json.loads(line)}
+        assert "/data" in volumes and "/data" in mounts, f"no datasets mounted: {shlex.join(argv)}"
+        for name in {spec.split("=", 1)[0] for spec in options.get("-e", [])}:
+            assert name in {ENV_COORDINATOR_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID}, f"-e {name}: not read by workshop-train"
+        # Every path the trainer is given lies on a mount (else it would vanish with the container).
+        paths = {flag: arguments[arguments.index(flag) + 1] for flag in ("--config", "--workdir") if flag in arguments}
+        for flag, path in paths.items():
+            assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts), f"{flag} {path} is not on a -v mount"
+        # The trainer accepts the arguments: the config (from the repository's configs/) resolves with the overrides.
+        host = [str(ROOT / "configs" / Path(w).name) if w == paths.get("--config") else w for w in arguments]
+        host = [str(tmp_path / "workdir") if w == paths.get("--workdir") else w for w in host]
+        assert main([*host, "--print-config"]) == 0, capsys.readouterr().err
+        capsys.readouterr()

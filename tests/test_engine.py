@@ -117,6 +117,7 @@ def test_parameter_groups_need_one_optimizer_each():
         trainer_for(model("TanhModel"), optimizers={"g": {"learning_rate": 0.1}})
 
 
+@pytest.mark.slow
 def test_bfloat16_keeps_float32_master_params_and_matches_float32_quality():
     results = {}
     for precision in ("float32", "bfloat16"):
@@ -156,6 +157,7 @@ def test_labels_reach_the_model_through_training_evaluation_and_sampling(tmp_pat
     assert height > 4 * width  # ten rows (one per class) of two columns
 
 
+@pytest.mark.slow
 def test_models_keeping_their_own_rngs_train_evaluate_sample_and_resume_bit_identically(tmp_path):
     def run(workdir, stop_at=None):
         trainer = trainer_for(model("DropoutModel"), train=TRAIN, workdir=workdir, max_steps=8, save_frequency=4)
@@ -185,6 +187,7 @@ def test_models_keeping_their_own_rngs_train_evaluate_sample_and_resume_bit_iden
     assert full.generate_samples(3, seed=1).shape == (3, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_device", [False, True])
 def test_steps_per_call_gives_the_same_run_and_lands_every_action(tmp_path, on_device):
     def run(n, workdir):

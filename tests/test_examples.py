@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs a script in a fresh Python process
+
 REPO = Path(__file__).resolve().parents[1]
 
 

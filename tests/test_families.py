@@ -17,6 +17,8 @@ from workshop_dist.parallel import make_mesh
 from workshop_dist.training import Trainer
 from workshop_dist.training.preemption import Preempted, PreemptionWatcher
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole family
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(path.stem for path in (REPO / "configs").glob("*.yaml"))
 STEPS, STOP = 8, 4

@@ -120,6 +120,7 @@ def changed(a, b) -> bool:
     return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["non_saturating", "hinge"])
 def test_each_update_moves_only_its_group_and_a_short_loop_trains_both(loss):
     model = make_gan(loss=loss, num_classes=10)

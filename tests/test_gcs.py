@@ -36,6 +36,8 @@ from tests.helpers import STEPS_PER_EPOCH, StreamedProcess, checkpoint_arrays, r
 from workshop_dist import storage  # noqa: E402
 from workshop_dist.training.preemption import EXIT_PREEMPTED  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole family
+
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "workshop-test"
 EPOCHS = 3
@@ -179,7 +181,6 @@ def final_state(step_dir: epath.Path | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-@pytest.mark.slow
 def test_gs_workdir_and_data_dir_sigterm_resume_bit_identical_to_local_disk(gcs, tmp_path):
     from workshop_dist.data import DataConfiguration, digits, resolve_data_dir
 

@@ -18,7 +18,7 @@ LAUNCH = ROOT / "launch"
 TPU_VM = LAUNCH / "tpu_vm.sh"
 SLURM = LAUNCH / "slurm.sbatch"
 RENDER = LAUNCH / "gke" / "render.sh"
-SCRIPTS = sorted([*LAUNCH.rglob("*.sh"), *LAUNCH.rglob("*.sbatch")])
+SCRIPTS = sorted([*LAUNCH.rglob("*.sh"), *LAUNCH.rglob("*.sbatch"), ROOT / ".ci" / "run"])
 PARAMETER_PREFIXES = ("TPU_", "WORKSHOP_", "SLURM_", "GKE_", "JOBSET_", "JAX_")
 
 

@@ -68,9 +68,9 @@ def _digits(count: int = 16) -> dict[str, jax.Array]:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: _pixelcnn(),
+        pytest.param(lambda: _pixelcnn(), marks=pytest.mark.slow),
         lambda: _pixelcnn(num_classes=10),
-        lambda: _flow(),
+        pytest.param(lambda: _flow(), marks=pytest.mark.slow),
         lambda: _flow(network="mlp", dequantization="variational"),
         lambda: _vae(likelihood="categorical"),
         lambda: _vae(likelihood="discretized_logistic"),
@@ -117,6 +117,7 @@ def test_parameters_are_validated() -> None:
 # --- PixelCNN -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pixelcnn_is_causal_without_blind_spot() -> None:
     """d logits[i] / d x[j] is zero exactly for j >= i (raster order) and nonzero for every j < i."""
     model = _pixelcnn((4, 4, 1), num_layers=4)
@@ -153,6 +154,7 @@ def test_flow_log_det_matches_numerical_jacobian_and_inverts(network: str) -> No
     np.testing.assert_allclose(model.inverse(z), v, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_variational_dequantizer_density_matches_its_jacobian() -> None:
     """log q(u | x) = log N(eps) - log|det du/deps| for the conditional flow u = g(eps; x)."""
     model = _flow((4, 4, 1), dequantization="variational")
@@ -172,6 +174,7 @@ def test_variational_dequantizer_density_matches_its_jacobian() -> None:
     assert float(u.min()) > 0 and float(u.max()) < 1
 
 
+@pytest.mark.slow
 def test_flow_discrete_probabilities_sum_to_one() -> None:
     """exp(-nll) with K samples is an unbiased estimate of P(x), the integral of p_V over x's cell, so
     its sum over all 81 images estimates the flow's mass on (0, L)^D: 1 up to the Gaussian tails the
@@ -204,7 +207,7 @@ def test_discrete_decoders_are_normalised_per_pixel() -> None:
         np.testing.assert_allclose(jnp.exp(log_p).sum(0), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("likelihood", ["categorical", "discretized_logistic"])
+@pytest.mark.parametrize("likelihood", [pytest.param("categorical", marks=pytest.mark.slow), "discretized_logistic"])
 def test_iwae_bound_tightens_towards_exact_likelihood(likelihood: str) -> None:
     """A 1-d latent makes log p(x) computable by quadrature: the IWAE bound is <= it on average,
     increases with K, K=1 averages to the ELBO, and the exact p(x) sums to one over all images."""

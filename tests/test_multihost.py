@@ -19,6 +19,8 @@ import pytest
 from tests.helpers import StreamedProcess, checkpoint_arrays
 from workshop_dist.training.preemption import EXIT_PREEMPTED
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole family
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 14  # two epochs of 7 steps (1000 digits, batch 128)
 RUN = ["training.max_steps=14", "training.save_frequency=7", "training.log_frequency=1", "training.num_samples=0",

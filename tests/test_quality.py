@@ -13,6 +13,7 @@ def test_split() -> dict[str, np.ndarray]:
     return load_digits_split("test")
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(test_split):
     cached = quality.train_classifier(0)
     again = quality.train_classifier.__wrapped__(0)  # a second, uncached training

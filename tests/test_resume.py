@@ -18,6 +18,8 @@ import pytest
 from tests.helpers import STEPS_PER_EPOCH, StreamedProcess, checkpoint_arrays, resume_run_settings
 from workshop_dist.training.preemption import EXIT_PREEMPTED
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole family
+
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 FINAL = EPOCHS * STEPS_PER_EPOCH

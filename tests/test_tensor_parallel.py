@@ -29,6 +29,7 @@ def one_step(mesh_config: MeshConfiguration, devices: list) -> Trainer:
     return trainer
 
 
+@pytest.mark.slow
 def test_dit_params_are_split_over_tensor_and_a_step_matches_one_device():
     sharded = one_step(MeshConfiguration(data=1, fsdp=2, tensor=4), jax.devices()[:8])
     params = sharded.state.params["network"]["blocks"][0]

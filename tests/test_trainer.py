@@ -41,6 +41,7 @@ def test_the_original_designs_names_are_the_top_level_api():
     assert config.optimizer.learning_rate == 0.5
 
 
+@pytest.mark.slow
 def test_vae_on_digits_lowers_the_validation_loss_clearly():
     trainer = make_trainer(num_epochs=6, optimizer=OptimizerConfiguration(learning_rate=2e-3))
     before = trainer.evaluate(VAL)["loss"]
