@@ -62,6 +62,7 @@ def test_default_run_writes_checkpoints_metrics_samples_and_config(tmp_path):
     assert (workdir / "checkpoints" / str(5 * (1000 // 128))).is_dir()
 
 
+@pytest.mark.slow
 def test_configuration_error_exits_2_with_one_message_and_no_traceback(tmp_path):
     result = run_cli("--workdir", str(tmp_path), "training.optimizer.learning_rat=0.1")
     assert result.returncode == 2

@@ -61,6 +61,7 @@ def test_prepare_is_idempotent_and_reused(digits_dir):
     assert info.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_concurrent_prepare_from_several_processes(tmp_path):
     """Multi-process runs start N processes at once; all must end with one valid dataset."""
     code = "import sys; from workshop_dist.data.digits import prepare_digits; prepare_digits(sys.argv[1])"

@@ -41,7 +41,7 @@ def assert_same_batches(actual, expected):
             np.testing.assert_array_equal(a[key], b[key])
 
 
-@pytest.mark.parametrize("worker_count", [0, 2])
+@pytest.mark.parametrize("worker_count", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: worker processes
 def test_restore_mid_epoch_gives_the_uninterrupted_batches(config, reference, worker_count):
     config = config.model_copy(update={"worker_count": worker_count})
     train = make_train_input(config, global_batch_size=BATCH, seed=11, **SINGLE)
@@ -118,6 +118,7 @@ def test_restoring_with_another_worker_count_is_a_clear_error():
         with_workers.set_state(train.get_state())
 
 
+@pytest.mark.slow
 def test_import_starts_nothing_and_writes_nothing(tmp_path):
     """Grain's spawned workers re-import the package: importing must have no side effects."""
     code = (
@@ -133,7 +134,7 @@ def test_import_starts_nothing_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_seek_positions_the_stream_like_consumed_batches(workers):
     examples = {"image": np.zeros((200, 1), np.float32), "id": np.arange(200)}
     reference = array_train_input(examples, global_batch_size=20, seed=1, **SINGLE)

@@ -59,6 +59,7 @@ def test_swallowed_import_error_is_found_with_its_culprit_package(tmp_path, monk
     assert "has no attribute" not in message
 
 
+@pytest.mark.slow
 def test_broken_tfds_surfaces_the_root_cause_not_an_attribute_error():
     """The reported failure: TFDS importing with a broken dependency, then ``tfds.core``.
 
@@ -98,6 +99,7 @@ def test_working_dependency_is_the_module_and_missing_attributes_are_caught():
         require("json", "parse JSON", attributes=("no_such_function",))  # as a half-imported package looks
 
 
+@pytest.mark.slow
 def test_event_files_need_no_tensorflow(tmp_path):
     """With TensorFlow unimportable, metrics still reach event files TensorBoard can read."""
     script = textwrap.dedent(
@@ -152,6 +154,7 @@ def test_lower_bounds_file_pins_every_lower_bound():
     assert pins == bounds
 
 
+@pytest.mark.slow
 def test_deprecations_in_our_code_fail_the_tests(tmp_path):
     """pyproject's filterwarnings: a deprecated flax call made from a workshop_dist module errors,
     the same call made from elsewhere only warns."""

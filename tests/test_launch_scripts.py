@@ -19,6 +19,7 @@ TPU_VM = LAUNCH / "tpu_vm.sh"
 SLURM = LAUNCH / "slurm.sbatch"
 RENDER = LAUNCH / "gke" / "render.sh"
 SCRIPTS = sorted([*LAUNCH.rglob("*.sh"), *LAUNCH.rglob("*.sbatch"), ROOT / ".ci" / "run"])
+pytestmark = pytest.mark.slow  # every test here runs a script (bash, shellcheck) in a process
 PARAMETER_PREFIXES = ("TPU_", "WORKSHOP_", "SLURM_", "GKE_", "JOBSET_", "JAX_")
 
 

@@ -123,6 +123,7 @@ def make_trainer(workdir: Path, epochs: int) -> Trainer:
     )
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_the_same_scalars_images_and_config_across_a_resume(tmp_path):
     first = make_trainer(tmp_path, epochs=1)
     first.fit()
@@ -161,6 +162,7 @@ def test_wandb_offline_gets_the_same_scalars_images_and_config_across_a_resume(t
 # --------------------------------------------------------------------------- repeated steps
 
 
+@pytest.mark.slow
 def test_steps_logged_again_after_a_restart_are_dropped(tmp_path):
     config = LoggingConfiguration(**WANDB)
     first = MetricsLogger(tmp_path, config=config)
@@ -190,6 +192,7 @@ os._exit(9)  # killed: the W&B run is never finished
 """
 
 
+@pytest.mark.slow
 def test_after_a_hard_kill_the_resumed_process_logs_its_steps_again(tmp_path):
     # A fresh process with its own W&B service (not this one's: WANDB_SERVICE points there).
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
