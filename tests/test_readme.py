@@ -86,7 +86,7 @@ def test_the_quickstart_test_commands_are_what_ci_runs():
         for leg in ran_by:
             assert without_constraints(legs[leg]["install"]) == test_install, (leg, legs[leg]["install"])
     # The full suite is run on the newest releases, the fast set on the lowest ones.
-    assert ["python", "-m", "pytest", "-q"] in legs["newest"]["tests"]
+    assert any(run[:4] == ["python", "-m", "pytest", "-q"] and "-m" not in run[4:] for run in legs["newest"]["tests"])
     assert ["python", "-m", "pytest", "-q", "-m", "not slow"] in legs["lowest"]["tests"]
 
 
