@@ -218,6 +218,8 @@ def test_detection_reads_only_the_given_environment(monkeypatch):
     ompi = {"OMPI_MCA_orte_hnp_uri": "1234.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "8"}
     assert distributed.detect_cluster(env=ompi) == distributed.Cluster("Open MPI", "ompi", 8)
     gke = {"TPU_WORKER_HOSTNAMES": "w0,w1", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    assert distributed.detect_cluster(env=gke) is None  # TPU variables without TPU chips (as aot.py sets them)
+    monkeypatch.setattr(distributed, "_tpu_chips_attached", lambda: True)
     assert distributed.detect_cluster(env=gke).method == "gketpu"  # before the pod's own Kubernetes
     assert distributed.detect_cluster("off", env=ompi) is None
 

@@ -188,8 +188,10 @@ _LAUNCHERS: dict[str, Callable[[Mapping[str, str]], Cluster | None]] = {
     "slurm": lambda env: Cluster("Slurm", "slurm", _count(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"))
     if "SLURM_JOB_ID" in env and "SLURM_NTASKS" in env
     else None,
+    # TPU variables alone are not a slice: compiling for a TPU target off a TPU VM sets them too.
     "gketpu": lambda env: Cluster("a GKE TPU slice", "gketpu", None)
     if any(name in env for name in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_PROCESS_ADDRESSES_PATH"))
+    and _tpu_chips_attached()
     else None,
     "gcetpu": lambda env: Cluster("a Cloud TPU VM", "gcetpu", None) if _tpu_chips_attached() else None,
     "k8s": lambda env: Cluster("a Kubernetes indexed Job", "k8s", None)
