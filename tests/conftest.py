@@ -42,10 +42,10 @@ def _fast_tests_start_no_processes(request, monkeypatch):
     popen_init, process_start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
 
     def popen(self, args, *rest, **options):
+        popen_init(self, args, *rest, **options)  # a program that cannot start raises here: no process
         command = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
         if os.path.basename(str(command[0]).split()[0]) not in SYSTEM_PROBES:
             started.append(" ".join(map(str, command))[:200])
-        popen_init(self, args, *rest, **options)
 
     def start(self):
         started.append(f"multiprocessing {self.name}")
