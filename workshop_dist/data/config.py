@@ -92,6 +92,6 @@ class DataConfiguration(StrictConfig):
                 f"unknown data source '{value}': use 'digits', 'tfds:NAME[:CONFIG]', 'array_record:GLOB' "
                 "or 'images:PATH'"
             )
-        if kind in SOURCE_KINDS and not value.split(":", 1)[1:]:
+        if kind in SOURCE_KINDS and not value.partition(":")[2]:
             raise ValueError(f"data source '{value}' needs a name after '{kind}:'")
         return value

@@ -312,7 +312,7 @@ def _open_tfds(src: str, spec: str, splits: list[str] | None, data_dir: str | No
         problem = diagnose_tfds(name, split, directory)
         if problem is not None:
             raise problem
-    label = info.features.get("label", None)
+    label = info.features["label"] if "label" in info.features else None  # noqa: SIM401 (no .get)
     classes = list(getattr(label, "names", None) or []) or None
     if classes == [str(i) for i in range(len(classes or []))]:
         classes = None  # ClassLabel(num_classes=N): no names worth writing
