@@ -45,7 +45,7 @@ def eval_images(config, split="validation") -> tuple[np.ndarray, np.ndarray]:
 def test_labels_come_from_sorted_class_folders_and_are_written_to_the_workdir(folder, config, tmp_path):
     images, labels = eval_images(config)
     assert images.shape == (60, SIZE, SIZE, 3) and images.dtype == np.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= 0.0 and images.max() <= 1.0
     np.testing.assert_array_equal(labels, np.repeat([0, 1, 2], 20))  # eval keeps the sorted file order
     assert label_map(config) == list(CLASSES)
     path = write_label_map(config, tmp_path / "workdir")
@@ -214,7 +214,7 @@ def test_class_folders_must_match_the_training_split(tmp_path):
 def test_image_fields_are_rejected_for_other_sources():
     with pytest.raises(ConfigError, match=r"data\.image_size only apply to 'images:PATH' sources"):
         make_train_input(DataConfiguration(image_size=8), global_batch_size=8, seed=0, **SINGLE)
-    with pytest.raises(ValueError, match="needs a name after .images:."):
+    with pytest.raises(ValueError, match=r"needs a name after .images:."):
         DataConfiguration(source="images:")
 
 
