@@ -35,36 +35,43 @@ HOOKS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workshop-data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quiet", action="store_true", help="No progress bars or information messages.")
-    parser.add_argument("--debug", action="store_true", help="Show tracebacks for user errors.")
+    _flags(parser, default=False)
+    common = argparse.ArgumentParser(add_help=False)  # the same flags after the command name
+    _flags(common, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = lambda name, **kwargs: commands.add_parser(name, parents=[common], **kwargs)  # noqa: E731
 
-    convert = commands.add_parser("convert", help="SRC into sharded ArrayRecord files in DEST (resumable).")
+    convert = add("convert", help="SRC into sharded ArrayRecord files in DEST (resumable).")
     convert.add_argument("src", metavar="SRC")
     convert.add_argument("dest", metavar="DEST")
     convert.add_argument("--shards", type=int, default=1, help="Files per split (default 1).")
     convert.add_argument("--workers", type=int, default=0, help="Decoding processes (default 0: this one).")
     _source_arguments(convert)
 
-    inspect = commands.add_parser("inspect", help="Counts, shapes, dtypes, labels and a PNG grid of PATH.")
+    inspect = add("inspect", help="Counts, shapes, dtypes, labels and a PNG grid of PATH.")
     inspect.add_argument("path", metavar="PATH")
     inspect.add_argument("--grid", metavar="OUT.png", help="Grid of examples (default: ./inspect-SPLIT.png; 'none': no grid).")
     inspect.add_argument("--grid-count", type=int, default=64, help="Examples in the grid (default 64).")
     inspect.add_argument("--limit", type=int, help="Read only the first N examples of each split.")
     _source_arguments(inspect)
 
-    stats = commands.add_parser("stats", help="Inception reference statistics (mu, sigma) of a split, pytorch-fid's .npz.")
+    stats = add("stats", help="Inception reference statistics (mu, sigma) of a split, pytorch-fid's .npz.")
     stats.add_argument("path", metavar="PATH")
     stats.add_argument("--split", default="train", help="Split to describe (default train).")
     stats.add_argument("--out", required=True, metavar="REF.npz")
     stats.add_argument("--weights", required=True, metavar="INCEPTION.safetensors", help="From `workshop-data convert-weights`.")
     _source_arguments(stats, splits=False)
 
-    weights = commands.add_parser("convert-weights", help="Published weights (e.g. pytorch-fid's Inception .pth) to safetensors.")
+    weights = add("convert-weights", help="Published weights (e.g. pytorch-fid's Inception .pth) to safetensors.")
     weights.add_argument("network", choices=["inception"])
     weights.add_argument("source", metavar="PTH")
     weights.add_argument("out", metavar="OUT.safetensors")
     return parser
+
+
+def _flags(parser: argparse.ArgumentParser, *, default) -> None:
+    parser.add_argument("--quiet", action="store_true", default=default, help="No progress bars or information messages.")
+    parser.add_argument("--debug", action="store_true", default=default, help="Show tracebacks for user errors.")
 
 
 def _source_arguments(parser: argparse.ArgumentParser, *, splits: bool = True) -> None:
