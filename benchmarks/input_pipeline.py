@@ -142,30 +142,56 @@ def measure_images(args) -> None:
             bare.position = 0
             np.testing.assert_array_equal(next(train)["image"], next(bare)["image"])
         rates: dict[str, list[float]] = {name: [] for name in [*map(str, inputs), "bare"]}
+        cpu: dict[str, list[float]] = {name: [] for name in rates}
         for _ in range(args.rounds):
             for workers, train in inputs.items():
                 for _ in range(5 * (workers + 1)):  # drop what was prefetched while the other case ran
                     next(train)
-                rates[str(workers)].append(images_per_second(train, args.image_batches, batch))
-                rates["bare"].append(images_per_second(bare, args.image_batches, batch))
+                for name, batches in ((str(workers), train), ("bare", bare)):
+                    rate, seconds = images_per_second(batches, args.image_batches, batch, all_processes=name != "bare")
+                    rates[name].append(rate)
+                    cpu[name].append(seconds)
     finally:
         for train in inputs.values():
             train.close()
     base = statistics.median(rates["bare"])
-    print(f"bare Pillow loop, 1 process: {base:8.1f} images/s (median of {len(rates['bare'])})")
+    base_cpu = statistics.median(cpu["bare"])
+    print(f"bare Pillow loop, 1 process: {base:8.1f} images/s (median of {len(rates['bare'])}), {base_cpu * 1e3:.2f} CPU ms/image")
     for workers in inputs:
         rate = statistics.median(rates[str(workers)])
         ratios = [a / b for a, b in zip(rates[str(workers)], rates["bare"][list(inputs).index(workers)::len(inputs)], strict=True)]
         per_worker = rate / base / max(workers, 1)
+        efficiency = base_cpu / statistics.median(cpu[str(workers)]) if base_cpu else float("nan")
         print(f"pipeline, worker_count={workers}: {rate:8.1f} images/s = {rate / base:.2f}x the bare loop "
-              f"({per_worker:.2f}x per worker, target >= 0.9; rounds: {' '.join(f'{r:.2f}' for r in ratios)})")
+              f"({per_worker:.2f}x per worker, target >= 0.9; rounds: {' '.join(f'{r:.2f}' for r in ratios)}); "
+              f"CPU time per image {efficiency:.2f}x as efficient as the bare loop (all processes)")
 
 
-def images_per_second(batches, count: int, batch: int) -> float:
-    start = time.perf_counter()
+def images_per_second(batches, count: int, batch: int, *, all_processes: bool) -> tuple[float, float]:
+    """(images/s, CPU seconds per image of this process and, with ``all_processes``, its children)."""
+    start, cpu = time.perf_counter(), cpu_seconds(all_processes)
     for _ in range(count):
         next(batches)
-    return count * batch / (time.perf_counter() - start)
+    images = count * batch
+    return images / (time.perf_counter() - start), (cpu_seconds(all_processes) - cpu) / images
+
+
+def cpu_seconds(all_processes: bool) -> float:
+    """User + system CPU time of this process (and its live children: the Grain workers); 0 without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    me = psutil.Process()
+    processes = [me, *me.children(recursive=True)] if all_processes else [me]
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def main() -> None:

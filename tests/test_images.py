@@ -254,3 +254,22 @@ def test_a_corrupt_file_in_a_worker_is_the_same_error(config):
                 next(train)
     finally:
         train.close()
+
+
+@pytest.mark.slow
+def test_image_benchmark_smoke_checks_same_pixels_and_prints_ratios(tmp_path):
+    """benchmarks/input_pipeline.py --images: it asserts the pipeline and the bare loop produce the
+    same batch before timing them; here it must run and print one ratio per worker count."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--images", "--image-dir", str(tmp_path), "--num-images", "96", "--image-batches", "2", "--rounds", "1",
+            "--image-workers", "0", "1"]
+    result = subprocess.run([sys.executable, "input_pipeline.py", *args], capture_output=True, text=True,
+                            cwd=repo / "benchmarks", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for workers in (0, 1):
+        assert re.search(rf"worker_count={workers}: +[\d.]+ images/s = [\d.]+x the bare loop", result.stdout), result.stdout
