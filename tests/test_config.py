@@ -130,6 +130,11 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             worker_count=2,
             prefetch=4,
             download=True,
+            image_size=32,
+            channels=3,
+            resize=False,
+            random_crop=False,
+            skip_bad_examples=True,
         ),
         mesh=MeshConfiguration(
             data=2, fsdp=2, tensor=2, dcn_data=2, logical_axis_rules={"embed": "fsdp"}, fsdp_min_size=10

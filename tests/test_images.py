@@ -134,6 +134,15 @@ def test_restored_iterator_continues_with_the_same_batches(config):
         np.testing.assert_array_equal(batch["label"], want["label"])
 
 
+def test_crops_and_flips_do_not_depend_on_the_number_of_processes(config):
+    config = config.model_copy(update={"random_flip": True})
+    whole = make_train_input(config, global_batch_size=40, seed=9, **SINGLE)
+    halves = [make_train_input(config, global_batch_size=40, seed=9, process_index=i, process_count=2) for i in range(2)]
+    for _ in range(7):  # past the first epoch (6 batches)
+        parts = [next(half) for half in halves]
+        np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), next(whole)["image"])
+
+
 def test_a_corrupt_file_is_an_error_naming_it(folder, config):
     strict = config.model_copy(update={"skip_bad_examples": False, "eval_split": "train"})
     with pytest.raises(BadExampleError, match=r"Cannot read image .*zz_corrupt\.png"):
