@@ -137,8 +137,8 @@ def label_map(config: DataConfiguration) -> list[str] | None:
     kind, _, pattern = config.source.partition(":")
     if kind != "images":
         return None
-    classes = class_names(split_dir(pattern, config.train_split)) if split_dir(pattern, config.train_split).is_dir() else ()
-    return list(classes) or None
+    root = split_dir(pattern, config.train_split)
+    return list(class_names(root)) or None if root.is_dir() else None
 
 
 def write_label_map(config: DataConfiguration, workdir: str | os.PathLike) -> Path | None:
