@@ -282,3 +282,13 @@ def test_image_benchmark_smoke_checks_same_pixels_and_prints_ratios(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for workers in (0, 1):
         assert re.search(rf"worker_count={workers}: +[\d.]+ images/s = [\d.]+x the bare loop", result.stdout), result.stdout
+
+
+def test_evaluation_images_get_the_training_split_s_channels_and_size(tmp_path):
+    write_image(tmp_path / "train" / "a.png", random_picture(np.random.default_rng(0), 10, 12))
+    write_image(tmp_path / "validation" / "b.png", random_picture(np.random.default_rng(1), 10, 12)[..., 0])  # grey
+    config = DataConfiguration(source=f"images:{tmp_path}")
+    with pytest.raises(ConfigError, match="mixed channel counts"):  # grey validation, RGB training
+        make_eval_input(config, global_batch_size=1, **SINGLE)
+    batch = next(iter(make_eval_input(config.model_copy(update={"channels": 3}), global_batch_size=1, **SINGLE)))
+    assert batch["image"].shape == (1, 10, 12, 3)

@@ -139,8 +139,11 @@ def image_source(config: DataConfiguration, pattern: str, split: str, *, augment
     from workshop_dist.data import images
 
     folder = images.list_folder(pattern, split, label_split=config.train_split)
+    scanned = folder.paths  # headers are read only when a setting is left to them (see resolve_settings)
+    if split != config.train_split and images.split_dir(pattern, config.train_split).is_dir():
+        scanned += images.list_folder(pattern, config.train_split).paths  # same channels/size as training
     settings = images.resolve_settings(
-        folder.paths,
+        scanned,
         image_size=config.image_size,
         channels=config.channels,
         resize=config.resize,
