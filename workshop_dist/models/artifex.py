@@ -225,13 +225,15 @@ register_model("artifex_ddpm")(ArtifexDiffusion)
 register_model("artifex_realnvp")(ArtifexFlow)
 
 
-@functools.cache
 def adapter_for(target: type | str) -> type:
     """The adapter class for an artifex model class, ``artifex:ClassName`` or the class's dotted path."""
     if isinstance(target, str):
-        cls = _find(target.removeprefix(f"{PACKAGE}:")) if ":" in target else _class(target)
-    else:
-        cls = target
+        target = _find(target.removeprefix(f"{PACKAGE}:")) if ":" in target else _class(target)
+    return _adapter(target)
+
+
+@functools.cache
+def _adapter(cls: type) -> type:  # one adapter class per artifex class, however it was named
     for adapter in ADAPTERS:
         if issubclass(cls, _attribute(adapter.family)):
             return type(f"Artifex{cls.__name__}", (adapter,), {"artifex_class": cls, "__module__": __name__})
