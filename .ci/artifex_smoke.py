@@ -1,6 +1,6 @@
 """Smoke check that workshop_dist and avitai-artifex work side by side in one environment.
 
-Run after ``pip install ".[test]" avitai-artifex`` (Python >= 3.12), before
+Run after ``pip install ".[test,artifex]"`` (Python >= 3.12), before
 ``tests/test_artifex.py`` (the adapter's train/evaluate/sample/resume tests): trains a
 workshop_dist VAE for 20 steps from numpy arrays (metrics to TensorBoard event files, no
 TensorFlow imported), then, with ``workshop-train`` on digits through TFDS and Grain, the

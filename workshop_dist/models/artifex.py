@@ -16,7 +16,8 @@ the batch's forward pass), the diffusion models' noise-prediction loss with thei
 the adapter reseeds those streams from the ``rng`` it is given, so a model is keyed per
 (micro-)batch, not per example.
 
-artifex is imported only when such a model is built (``pip install avitai-artifex``, Python >= 3.12).
+artifex is imported only when such a model is built (``pip install avitai-artifex`` or the
+``artifex`` extra; Python >= 3.12).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from workshop_dist.models.registry import register_adapter, register_model
 
 PACKAGE = "artifex"
 MODELS = "artifex.generative_models.models"
-INSTALL_HINT = "pip install avitai-artifex (it needs Python >= 3.12, jax >= 0.11.1, flax >= 0.12.9)"
+INSTALL_HINT = 'pip install avitai-artifex (or "workshop-dist[artifex]"; it needs Python >= 3.12, jax >= 0.11.1, flax >= 0.12.9)'
 
 
 def _import(module: str) -> Any:
