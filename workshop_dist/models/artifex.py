@@ -72,6 +72,7 @@ class ArtifexModel(GenerativeModel):
         parameters = dict(config.parameters)
         self.settings = {name: parameters.pop(name, default) for name, default in self.options.items()}
         self.input_shape = tuple(config.input_dim)
+        self.check(cls)  # before the (slow) construction of the artifex model
         config_class = _config_class(cls)
         data = _merge(self.defaults(config), parameters)
         try:
@@ -87,6 +88,9 @@ class ArtifexModel(GenerativeModel):
     def defaults(self, config: ModelConfiguration) -> dict[str, Any]:
         """The artifex config as a dict, before ``parameters`` are merged in."""
         raise NotImplementedError
+
+    def check(self, cls: type) -> None:
+        """Raise a ConfigError if this adapter cannot serve ``cls`` with ``self.settings``."""
 
     def reseed(self, rng: jax.Array) -> None:
         """Every ``nnx.Rngs`` stream of the artifex model restarts from ``rng`` (one key per stream name)."""
@@ -156,18 +160,19 @@ class ArtifexDiffusion(ArtifexModel):
     default_class = f"{MODELS}.diffusion.ddpm.DDPMModel"
     options: ClassVar[dict[str, Any]] = {"data_range": (0.0, 1.0)}
 
-    def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
-        super().__init__(config, rngs=rngs)
-        own = type(self.model).loss_fn
-        base = _attribute(self.family).loss_fn
-        if own is not base:
+    def check(self, cls: type) -> None:
+        if cls.loss_fn is not _attribute(self.family).loss_fn:
             raise ConfigError(
-                f"model.model_class: {type(self.model).__name__} has its own loss_fn; the artifex diffusion "
+                f"model.model_class: {cls.__name__} has its own loss_fn; the artifex diffusion "
                 "adapter scores DiffusionModel's noise-prediction objective only (DDPMModel, DDIMModel, ...)."
             )
-        low, high = (float(v) for v in self.settings["data_range"])
+        value = self.settings["data_range"]
+        try:
+            low, high = (float(v) for v in value)
+        except (TypeError, ValueError):
+            low = high = 0.0
         if not high > low:
-            raise ConfigError(f"model.parameters.data_range must be [low, high] with high > low, got {[low, high]}")
+            raise ConfigError(f"model.parameters.data_range must be [low, high] with high > low, got {value!r}")
         self.data_range = (low, high)
 
     def defaults(self, config: ModelConfiguration) -> dict[str, Any]:
