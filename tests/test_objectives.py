@@ -203,6 +203,8 @@ def test_guidance_mixes_conditional_and_unconditional_inside_the_interval():
     plain = FlowMatching({"num_classes": 10, "guidance_scale": 3.0})
     np.testing.assert_allclose(plain.ode_velocity(network, x, t, labels)[:, 0], [3.0, 9.0, 15.0])
     np.testing.assert_allclose(plain.ode_velocity(network, x, t, labels, guidance_scale=0.0)[:, 0], [0, 0, 0])
+    traced = jax.jit(lambda w: plain.ode_velocity(network, x, t, labels, guidance_scale=w))(jnp.float32(1.0))
+    np.testing.assert_allclose(traced[:, 0], [1.0, 3.0, 5.0])  # a traced scale: both branches, mixed at w = 1
     interval = FlowMatching({"num_classes": 10, "guidance_scale": 3.0, "guidance_interval": (0.2, 0.6)})
     np.testing.assert_allclose(interval.ode_velocity(network, x, t, labels)[:, 0], [1.0, 9.0, 5.0])
     # EDM guides the denoiser: D_u + w (D_c - D_u) = c_skip x + c_out (F_u + w (F_c - F_u)); sigma = 1, x = 0.

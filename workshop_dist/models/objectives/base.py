@@ -129,10 +129,11 @@ class Conditioning:
 
         Both branches run in one call on ``2B`` inputs; ``level`` ([B]: t or sigma) outside
         ``guidance_interval`` gets the conditional prediction. Without classes, labels or with
-        ``w == 1`` it is one plain call.
+        ``w == 1`` (a Python number) it is one plain call; ``w`` may also be a traced scalar.
         """
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        if not self.num_classes or labels is None or scale == 1.0:
+        plain = isinstance(scale, int | float) and scale == 1.0  # a traced scale always runs both branches
+        if not self.num_classes or labels is None or plain:
             return predict(x, level, labels)
         null = jnp.full_like(labels, self.num_classes)
         both = predict(
