@@ -272,11 +272,16 @@ def preprocess(images: jax.Array) -> jax.Array:
     return 2.0 * x - 1.0
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _features(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(images)
+
+
 def feature_function(model: InceptionV3) -> Callable[[jax.Array], jax.Array]:
-    """A jitted ``images -> [N, 2048]`` features; the weights are an argument, not constants."""
+    """A jitted ``images -> [N, 2048]`` features; the weights are an argument, not constants, so
+    every model of the same structure (and precision) shares one compilation per input shape."""
     graphdef, state = nnx.split(model)
-    apply = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
-    return functools.partial(apply, state)
+    return functools.partial(_features, graphdef, state)
 
 
 def abstract_inception(precision: Any = "highest") -> InceptionV3:
