@@ -30,11 +30,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from workshop_dist.weights import (
     WeightsError,
     load_tensors,
+    model_shapes,
     read_safetensors,
     read_torch_state_dict,
     torch_to_nnx,
@@ -76,6 +78,7 @@ class BasicConv2d(nnx.Module):
             padding=tuple((p, p) for p in _pair(padding)),
             use_bias=False,
             precision=precision,
+            kernel_init=nnx.initializers.he_normal(),  # random weights keep the scale through ReLUs
             rngs=rngs,
         )
         self.bn = nnx.BatchNorm(out_channels, epsilon=BN_EPSILON, rngs=rngs)
@@ -284,9 +287,32 @@ def feature_function(model: InceptionV3) -> Callable[[jax.Array], jax.Array]:
     return functools.partial(_features, graphdef, state)
 
 
+@functools.cache
+def _structure(precision: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), precision=precision)))
+
+
 def abstract_inception(precision: Any = "highest") -> InceptionV3:
-    """The network's structure with shapes only (``nnx.eval_shape``): nothing initialised."""
-    return nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), precision=precision))
+    """The network's structure with shapes only (``nnx.eval_shape``, traced once per precision):
+    a new module each call, nothing initialised."""
+    return nnx.merge(*_structure(precision), copy=True)
+
+
+def random_inception(seed: int = 0, precision: Any = "highest") -> InceptionV3:
+    """The network with random weights for tests: He-normal kernels drawn by numpy (a second; jax's
+    initialisers take a minute eagerly and longer jitted on a CPU), BatchNorm as the identity."""
+    rng = np.random.default_rng(seed)
+    model = abstract_inception(precision)
+    tensors = {}
+    for name, shape in model_shapes(model).items():
+        if name.endswith(".kernel"):
+            fan_in = int(np.prod(shape[:-1]))
+            tensors[name] = rng.standard_normal(shape, np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+        else:  # BatchNorm: scale and var 1, bias and mean 0
+            fill = 1.0 if name.endswith((".scale", ".var")) else 0.0
+            tensors[name] = np.full(shape, fill, np.float32)
+    load_tensors(model, tensors, source="random weights")
+    return model
 
 
 def convert_inception(pth_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
