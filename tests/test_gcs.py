@@ -231,3 +231,35 @@ def test_gs_workdir_and_data_dir_sigterm_resume_bit_identical_to_local_disk(gcs,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr[-3000:]
     assert f"finished at step {FINAL}" in report.stdout
+
+
+def test_the_workdir_lock_on_the_emulator_uses_conditional_writes(gcs):
+    from workshop_dist import workdir_lock
+    from workshop_dist.workdir_lock import LOCK_FILE, WorkdirBusyError, WorkdirLock
+
+    workdir = f"gs://{BUCKET}/locked"
+    store = workdir_lock._store(bucket("locked") / LOCK_FILE)
+    assert store.read() == (None, 0)
+    version = store.write({"job_id": "a"}, 0)
+    with pytest.raises(workdir_lock._Conflict):  # create-if-absent lost to the first writer
+        workdir_lock._store(bucket("locked") / LOCK_FILE).write({"job_id": "b"}, 0)
+    with pytest.raises(workdir_lock._Conflict):  # a write based on an old version
+        store.write({"job_id": "c"}, version - 1)
+    assert store.read() == ({"job_id": "a"}, version)
+
+    now = time.time()
+    stale = {"job_id": "gone", "host": "elsewhere", "pid": 1, "started": now - 500, "refreshed": now - 300}
+    store.write(stale, version)
+    with WorkdirLock(workdir, job_id="job-a", timeout=60, refresh_seconds=0.2) as lock:
+        assert lock.took_over.job_id == "gone"
+        held = json.loads((bucket("locked") / LOCK_FILE).read_text())
+        time.sleep(0.8)
+        refreshed = json.loads((bucket("locked") / LOCK_FILE).read_text())
+        assert held["job_id"] == refreshed["job_id"] == "job-a" and refreshed["refreshed"] > held["refreshed"]
+        other = WorkdirLock(workdir, job_id="job-b", timeout=60)
+        other._holder.host = "elsewhere"  # another host: recognised as live by lock's next refresh
+        with pytest.raises(WorkdirBusyError, match="in use by job job-a"):
+            other.acquire()
+    assert json.loads((bucket("locked") / LOCK_FILE).read_text())["released"] is not None
+    with WorkdirLock(workdir, job_id="job-c") as lock:
+        assert lock.took_over is None

@@ -189,8 +189,9 @@ class _CloudStore:
     """The lock object in a bucket; versions are object generations (0: no object)."""
 
     def __init__(self, path: str):
-        from google.cloud import storage as gcs
+        from workshop_dist._deps import require
 
+        gcs = require("google.cloud.storage", "lock a gs:// workdir", extra="gcs")
         bucket, _, name = path.removeprefix("gs://").partition("/")
         self._blob_name = name
         self._bucket = gcs.Client().bucket(bucket)
