@@ -263,3 +263,31 @@ def test_the_workdir_lock_on_the_emulator_uses_conditional_writes(gcs):
     assert json.loads((bucket("locked") / LOCK_FILE).read_text())["released"] is not None
     with WorkdirLock(workdir, job_id="job-c") as lock:
         assert lock.took_over is None
+
+
+def test_preflight_refuses_missing_and_unreachable_buckets_with_one_message(gcs, tmp_path):
+    from workshop_dist.preflight import StorageError, check_storage
+
+    check_storage(f"gs://{BUCKET}/preflight/run", data_dir=f"gs://{BUCKET}/data")
+    from google.cloud import storage as gcs_client
+
+    left = [b.name for b in gcs_client.Client().bucket(BUCKET).list_blobs(prefix="preflight/")]
+    assert left == []  # the probe object is deleted
+    with pytest.raises(StorageError, match=r"^--workdir gs://no-such-bucket/run: the bucket 'no-such-bucket' does not exist"):
+        check_storage("gs://no-such-bucket/run")
+    with pytest.raises(StorageError, match=r"^data.data_dir gs://no-such-bucket/d: the bucket 'no-such-bucket' does not"):
+        check_storage(f"gs://{BUCKET}/preflight/run", data_dir="gs://no-such-bucket/d")
+
+    gone = Emulator(tmp_path / "gone.log")  # a second server, stopped: nothing listens on its port
+    gone.stop()
+    os.environ["STORAGE_EMULATOR_HOST"] = gone.url
+    try:
+        from workshop_dist import preflight
+
+        start = time.monotonic()
+        with pytest.raises(StorageError, match="Cloud Storage could not be reached within 2 s") as err:
+            preflight.check_workdir(f"gs://{BUCKET}/run", retry_seconds=2)
+        assert 1 < time.monotonic() - start < 30  # retried with backoff, then one message
+        assert "[Errno 111] Connection refused" in str(err.value)
+    finally:
+        os.environ["STORAGE_EMULATOR_HOST"] = gcs.url
