@@ -8,12 +8,12 @@ and Orbax's threads print no tracebacks.
 import logging
 import os
 import subprocess
-import uuid
 
 import jax
 import numpy as np
 import pytest
 
+from tests.helpers import small_tmpfs
 from workshop_dist.checkpoint import CheckpointConfiguration, CheckpointManager, CheckpointSaveError
 from workshop_dist.save_failures import SaveGuard, cause_of, short_error
 
@@ -41,15 +41,8 @@ def needs_root() -> None:
 @pytest.fixture
 def full_disk(tmp_path):
     """A 2 MiB tmpfs."""
-    needs_root()
-    path = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    path.mkdir()
-    try:
-        mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path))
-    except (subprocess.CalledProcessError, FileNotFoundError) as err:
-        pytest.skip(f"cannot mount a tmpfs here: {err}")
-    yield path
-    unmount(path)
+    with small_tmpfs(tmp_path / "tmpfs") as path:
+        yield path
 
 
 def make_read_only(path) -> None:

@@ -172,6 +172,10 @@ class SaveGuard:
             try:
                 started = start()
             except Exception as err:
+                try:  # Orbax may have started background work (its directories) before raising
+                    self.manager.wait_until_finished()
+                except Exception as later:
+                    log.debug("After the failed save of step %d: %s", step, later)
                 failure = self._failed(step, err)
                 if failure.transient and attempt < self.retries:
                     delay = self.retry_seconds * 2**attempt
