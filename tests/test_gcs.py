@@ -234,16 +234,16 @@ def test_gs_workdir_and_data_dir_sigterm_resume_bit_identical_to_local_disk(gcs,
 
 
 def test_the_workdir_lock_on_the_emulator_uses_conditional_writes(gcs):
-    from workshop_dist import workdir_lock
+    from workshop_dist import versioned_file
     from workshop_dist.workdir_lock import LOCK_FILE, WorkdirBusyError, WorkdirLock
 
     workdir = f"gs://{BUCKET}/locked"
-    store = workdir_lock._store(bucket("locked") / LOCK_FILE)
+    store = versioned_file.versioned_file(bucket("locked") / LOCK_FILE)
     assert store.read() == (None, 0)
     version = store.write({"job_id": "a"}, 0)
-    with pytest.raises(workdir_lock._Conflict):  # create-if-absent lost to the first writer
-        workdir_lock._store(bucket("locked") / LOCK_FILE).write({"job_id": "b"}, 0)
-    with pytest.raises(workdir_lock._Conflict):  # a write based on an old version
+    with pytest.raises(versioned_file.VersionConflict):  # create-if-absent lost to the first writer
+        versioned_file.versioned_file(bucket("locked") / LOCK_FILE).write({"job_id": "b"}, 0)
+    with pytest.raises(versioned_file.VersionConflict):  # a write based on an old version
         store.write({"job_id": "c"}, version - 1)
     assert store.read() == ({"job_id": "a"}, version)
 

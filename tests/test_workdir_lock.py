@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from workshop_dist import workdir_lock
+from workshop_dist import versioned_file, workdir_lock
 from workshop_dist.workdir_lock import LOCK_FILE, WorkdirBusyError, WorkdirLock, WorkdirLockLost, hold_workdir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_another_hosts_holder_is_taken_over_when_stale_and_refused_while_it_refr
 
 def test_a_job_whose_lock_was_taken_over_finds_out(tmp_path):
     lock = WorkdirLock(tmp_path, job_id="stalled", timeout=60, refresh_seconds=0.1).acquire()
-    store = workdir_lock._LocalStore(tmp_path / LOCK_FILE)
+    store = versioned_file.LocalVersionedFile(tmp_path / LOCK_FILE)
     data, version = store.read()
     store.write({**data, "job_id": "newcomer", "pid": os.getppid()}, version)  # what a take-over writes
     deadline = time.monotonic() + 5

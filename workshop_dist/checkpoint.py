@@ -51,16 +51,12 @@ class CheckpointConfiguration(StrictConfig):
         "data parallelism finish saves sooner, costs the loop more time per save).",
     )
     on_error: Literal["stop", "continue"] = pydantic.Field(
-        "stop",
-        description="When a save fails (disk full, no permission, bucket unreachable): stop the run with "
-        "one message (exit 1), or warn and try again at the next save.",
+        "stop", description="A failed save (disk full, no permission...): stop the run (exit 1), or warn and go on."
     )
     save_retries: int = pydantic.Field(
         3, ge=0, description="Transient storage errors (timeouts, refused connections) retried this many times first."
     )
-    lock_timeout: float = pydantic.Field(
-        60.0, gt=0, description="A workdir lock not refreshed for this many seconds is taken over (its job is gone)."
-    )
+    lock_timeout: float = pydantic.Field(60.0, gt=0, description="A workdir lock unrefreshed this long (s) is taken over.")
     local: LocalCheckpointConfiguration | None = pydantic.Field(
         None, description="Frequent checkpoints on each host's local disk beside these (workshop_dist.tiered_checkpoint)."
     )

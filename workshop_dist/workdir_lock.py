@@ -9,18 +9,14 @@ naming the holder.
 The lock is a small JSON object: the job id, host, pid, start time, last refresh, and after
 a clean exit ``released``. A background thread rewrites it every ``refresh_seconds`` (default
 a sixth of ``timeout``, at most 10 s) while the job runs. Every write is conditional on the
-version read before it, so of two processes racing for the lock exactly one wins:
-
-- local disk (also NFS): the file is rewritten in place under ``flock``, with a version
-  counter inside it;
-- Cloud Storage: uploads with ``if_generation_match`` (google-cloud-storage, a dependency of
-  gcsfs; the fake-gcs-server emulator honours it for uploads, not for deletes, which is why
-  a release overwrites the lock with a ``released`` marker instead of deleting it).
+version read before it (:mod:`workshop_dist.versioned_file`: ``flock`` on disk,
+``if_generation_match`` on Cloud Storage), so of two processes racing for the lock exactly
+one wins, and a release overwrites the lock with a ``released`` marker.
 
 A lock whose holder is gone is taken over with a warning: its process is dead (same host:
 the pid is gone or belongs to a newer process), or it was not refreshed for ``timeout``
-seconds (another host: judged by its timestamp, and by watching it not change for up to
-``timeout`` seconds, so clock skew cannot make a live lock look dead). A live holder on
+seconds (another host: judged by its timestamp, which assumes the hosts' clocks agree to
+within ``timeout``, or by watching it not change for ``timeout`` seconds). A live holder on
 another host is recognised by its next refresh, a few seconds after the second job starts.
 If a lock is taken over from a job that was alive after all (it stalled for longer than
 ``timeout``), its refresh thread notices and :meth:`WorkdirLock.check` raises in it.
@@ -38,7 +34,6 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import socket
@@ -51,6 +46,7 @@ from typing import Any
 
 from workshop_dist import storage
 from workshop_dist.config import WorkshopError
+from workshop_dist.versioned_file import VersionConflict, versioned_file
 
 LOCK_FILE = "workdir.lock"
 _HELD: set[str] = set()  # lock paths this process holds now
@@ -67,10 +63,6 @@ class WorkdirBusyError(WorkshopError):
 
 class WorkdirLockLost(WorkshopError):
     """This job's lock was taken over by another job (this one stalled for longer than the timeout)."""
-
-
-class _Conflict(Exception):
-    """The lock changed since it was read: the conditional write did not happen."""
 
 
 @dataclasses.dataclass
@@ -133,101 +125,6 @@ def process_alive(pid: int, start_ticks: int | None = None) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------- storage
-
-
-class _LocalStore:
-    """The lock file on local disk (or NFS), rewritten in place under ``flock``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    @contextlib.contextmanager
-    def _locked(self, exclusive: bool):
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield fd
-        finally:
-            os.close(fd)  # releases the flock
-
-    def _parse(self, fd: int) -> tuple[dict | None, int]:
-        os.lseek(fd, 0, os.SEEK_SET)
-        raw = b""
-        while chunk := os.read(fd, 65536):
-            raw += chunk
-        if not raw.strip():
-            return None, 0
-        try:
-            data = json.loads(raw)
-            return data, int(data.get("version", 0))
-        except (ValueError, AttributeError):
-            log.warning("The workdir lock %s is unreadable; treating it as free.", self.path)
-            return None, -1
-
-    def read(self) -> tuple[dict | None, int]:
-        with self._locked(exclusive=False) as fd:
-            return self._parse(fd)
-
-    def write(self, data: dict, if_version: int) -> int:
-        with self._locked(exclusive=True) as fd:
-            _, version = self._parse(fd)
-            if version != if_version:
-                raise _Conflict
-            version = max(version, 0) + 1
-            payload = json.dumps({**data, "version": version}, indent=1).encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, payload, 0)
-            os.fsync(fd)
-            return version
-
-
-class _CloudStore:
-    """The lock object in a bucket; versions are object generations (0: no object)."""
-
-    def __init__(self, path: str):
-        from workshop_dist._deps import require
-
-        gcs = require("google.cloud.storage", "lock a gs:// workdir", extra="gcs")
-        bucket, _, name = path.removeprefix("gs://").partition("/")
-        self._blob_name = name
-        self._bucket = gcs.Client().bucket(bucket)
-
-    def read(self) -> tuple[dict | None, int]:
-        from google.api_core import exceptions
-
-        while True:
-            blob = self._bucket.get_blob(self._blob_name)
-            if blob is None:
-                return None, 0
-            try:
-                raw = blob.download_as_bytes(if_generation_match=blob.generation)
-            except (exceptions.PreconditionFailed, exceptions.NotFound):
-                continue  # rewritten between the two requests: read again
-            try:
-                return json.loads(raw), int(blob.generation)
-            except ValueError:
-                log.warning("The workdir lock gs://%s/%s is unreadable; treating it as free.", self._bucket.name, self._blob_name)
-                return None, int(blob.generation)
-
-    def write(self, data: dict, if_version: int) -> int:
-        from google.api_core import exceptions
-
-        blob = self._bucket.blob(self._blob_name)
-        try:
-            blob.upload_from_string(json.dumps(data, indent=1), content_type="application/json", if_generation_match=if_version)
-        except exceptions.PreconditionFailed:
-            raise _Conflict from None
-        return int(blob.generation)
-
-
-def _store(path: storage.AnyPath) -> _LocalStore | _CloudStore:
-    return _CloudStore(os.fspath(path)) if storage.is_remote(path) else _LocalStore(Path(path))
-
-
 # ----------------------------------------------------------------------------- the lock
 
 
@@ -248,7 +145,7 @@ class WorkdirLock:
         self.timeout = float(timeout)
         self.refresh_seconds = refresh_seconds if refresh_seconds is not None else min(self.timeout / 6, 10.0)
         self.process_count = process_count
-        self._store = _store(self.path)
+        self._store = versioned_file(self.path)
         self._version: int | None = None  # of our last write, while held
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -293,7 +190,7 @@ class WorkdirLock:
             mine = dataclasses.asdict(dataclasses.replace(self._holder, started=now, refreshed=now))
             try:
                 self._version = self._store.write(mine, version)
-            except _Conflict:
+            except VersionConflict:
                 seen = None
                 continue  # someone else wrote in between: look again
             self._holder = Holder(**mine)
@@ -334,7 +231,7 @@ class WorkdirLock:
             try:
                 self._refresh()
                 failing_since = None
-            except _Conflict:
+            except VersionConflict:
                 data, _ = self._store.read()
                 self.lost_to = Holder.from_json(data or {}) or self._holder
                 log.error("The lock of %s was taken over by %s: this job must stop.", self.path.parent, self.lost_to.describe())
@@ -377,7 +274,7 @@ class WorkdirLock:
             released = dataclasses.asdict(dataclasses.replace(self._holder, refreshed=time.time(), released=time.time()))
             try:
                 self._store.write(released, version)
-            except _Conflict:
+            except VersionConflict:
                 pass  # taken over meanwhile: nothing of ours to release
             except Exception as err:
                 log.warning("Could not release the lock of %s (the next job takes it over when stale): %s", self.path.parent, err)
@@ -434,7 +331,7 @@ def _readable_holder(workdir: str | os.PathLike) -> Holder | None:
     with contextlib.suppress(Exception):
         path = storage.as_path(workdir) / LOCK_FILE
         if storage.is_remote(path) or path.exists():
-            data, _ = _store(path).read()
+            data, _ = versioned_file(path).read()
             return Holder.from_json(data) if data else None
     return None
 
