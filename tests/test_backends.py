@@ -59,6 +59,9 @@ def test_a_users_choice_is_left_alone(monkeypatch):
 
 def run_without_platforms(*command: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    # libtpu stays silent while another process on the machine holds /tmp/libtpu_lockfile; this
+    # makes it talk regardless, so the premise below holds whatever else runs here.
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -75,7 +78,7 @@ def test_cpu_runs_print_nothing_from_libtpu(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert out.read_bytes().startswith(b"\x89PNG")  # the backends started and computed the schedule
-    for line in LIBTPU_NOISE:
+    for line in (*LIBTPU_NOISE, "TPU", "libtpu"):
         assert line not in run.stdout + run.stderr
 
 
