@@ -125,3 +125,19 @@ def test_deliberate_changes_are_named_without_overrides():
     assert schedule_changes(training(explicit, "training.max_steps=60"), training(explicit, "training.max_steps=90"), 40, 7) == []
     # A constant schedule does not depend on the run length.
     assert schedule_changes(training("training.max_steps=60"), training("training.max_steps=90"), 40, 7) == []
+
+
+def test_the_checkpoints_config_is_read_before_anything_is_built(tmp_path):
+    from workshop_dist.checkpoint import CheckpointManager
+    from workshop_dist.resume_config import saved_config
+
+    assert saved_config(tmp_path / "none") is None
+    manager = CheckpointManager(tmp_path)
+    old, new = resolved(*COSINE, "training.max_steps=60"), resolved(*COSINE, "training.max_steps=90")
+    manager.save(4, {"w": np.arange(3.0)}, metadata={"step": 4}, config=old)
+    manager.save(8, {"w": np.arange(3.0)}, metadata={"step": 8})  # no config item
+    manager.close()
+    (tmp_path / "12.orbax-checkpoint-tmp").mkdir()  # a killed save
+    step, config = saved_config(tmp_path)
+    assert step == 4 and config == old
+    assert [str(c) for c in config_diff(config, new)] == ["training.max_steps: 60 -> 90"]

@@ -9,7 +9,9 @@ topology and prints, on every CPU or GPU run::
     E0000 ... INVALID_ARGUMENT: Error: unexpected worker hostname 'WARNING: could not determine TPU
     worker hostnames or IP addresses' ...
 
-before JAX quietly falls back to the other backends. :func:`skip_idle_tpu_backend` makes the
+before JAX quietly falls back to the other backends. It also takes ``/tmp/libtpu_lockfile``
+for as long as the process lives (while another process holds it, libtpu says nothing, which
+is why the noise seemed to come and go). :func:`skip_idle_tpu_backend` makes the
 entry points ask for what JAX would have ended up with anyway (the visible GPUs' plugin and
 the CPU) when this host has no TPU chip, so the TPU backend is never started. It changes
 nothing when the user chose ``JAX_PLATFORMS`` (any value), when a TPU may be attached, when

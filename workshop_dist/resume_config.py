@@ -247,3 +247,32 @@ def _rate(schedule: Any, learning_rate: float, total: int | None, step: int) -> 
     from workshop_dist.optim import create_schedule
 
     return float(create_schedule(schedule, learning_rate, total)(step))
+
+
+# ----------------------------------------------------------------------------- the checkpoint's config
+
+
+def saved_config(checkpoint_dir: str | Any, step: int | None = None) -> tuple[int, dict] | None:
+    """``(step, config)`` of the newest complete checkpoint in ``checkpoint_dir`` (or of ``step``) with a
+    readable ``config`` item, None when there is none. Reads JSON only, before any model is built,
+    so the loop can apply :func:`schedule_changes`' overrides to the config it builds from."""
+    import orbax.checkpoint as ocp
+
+    from workshop_dist import storage
+
+    root = storage.as_path(checkpoint_dir)
+    if not root.exists():
+        return None
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+    for candidate in [s for s in steps if step is None or s == step]:
+        item = root / str(candidate) / "config"
+        if not (root / str(candidate) / "commit_success.txt").exists() or not item.exists():
+            continue  # incomplete (a save on gs:// in progress or killed), or saved without a config
+        checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+        try:
+            return candidate, dict(checkpointer.restore(item, args=ocp.args.JsonRestore()))
+        except Exception:  # unreadable: an older one may do; the restore reports damage itself
+            continue
+        finally:
+            checkpointer.close()
+    return None
