@@ -1,9 +1,10 @@
 """Smoke check that workshop_dist and avitai-artifex work side by side in one environment.
 
-Run after ``pip install . avitai-artifex`` (Python >= 3.12): builds and samples an artifex
-VAE, then trains a workshop_dist VAE for 20 steps from numpy arrays, and the packaged
-default config (digits through TFDS and Grain) for 20 steps with ``workshop-train``; metrics
-go to TensorBoard event files.
+Run after ``pip install ".[test,artifex]"`` (Python >= 3.12), before
+``tests/test_artifex.py`` (the adapter's train/evaluate/sample/resume tests): trains a
+workshop_dist VAE for 20 steps from numpy arrays (metrics to TensorBoard event files, no
+TensorFlow imported), then, with ``workshop-train`` on digits through TFDS and Grain, the
+packaged default config for 20 steps and artifex's VAE (``model.model_class=artifex_vae``) for 10.
 """
 
 import subprocess
@@ -13,22 +14,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from artifex.generative_models.core.configuration.network_configs import DecoderConfig, EncoderConfig
-from artifex.generative_models.core.configuration.vae_config import VAEConfig
 from artifex.generative_models.models.vae.base import VAE
 from flax import nnx
 
 from workshop_dist import ModelConfiguration, Trainer, TrainingConfiguration, create_model
 from workshop_dist.data.digits import load_digits_split
-
-encoder = EncoderConfig(name="enc", input_shape=(8, 8, 1), latent_dim=4, hidden_dims=(32,), activation="relu")
-decoder = DecoderConfig(
-    name="dec", latent_dim=4, output_shape=(8, 8, 1), hidden_dims=(32,), activation="relu"
-)
-artifex_vae = VAE(
-    VAEConfig(name="vae", encoder=encoder, decoder=decoder, encoder_type="dense"), rngs=nnx.Rngs(0)
-)
-assert artifex_vae.sample(2).shape == (2, 8, 8, 1)
 
 train = load_digits_split("train")["image"].astype(np.float32) / 16
 model = create_model(
@@ -44,22 +34,15 @@ assert int(trainer.state["step"]) == 20, trainer.state["step"]
 events = list((workdir / "logs").glob("events.out.tfevents.*"))
 assert events, "no TensorBoard event file"
 assert "tensorflow" not in sys.modules, "TensorFlow was imported"
-cli_workdir = workdir / "cli"
-env_data = ["data.data_dir=" + str(workdir / "data")]
-subprocess.run(
-    [
-        sys.executable,
-        "-m",
-        "workshop_dist.cli",
-        "--workdir",
-        str(cli_workdir),
-        "training.max_steps=20",
-        "training.scheduler.warmup_steps=5",
-        *env_data,
-    ],
-    check=True,
-)
-assert (cli_workdir / "checkpoints" / "20").is_dir(), sorted(
-    p.name for p in (cli_workdir / "checkpoints").iterdir()
-)
-print(f"ok: jax {jax.__version__}, 20 steps from arrays and 20 with workshop-train, events {events[0].name}")
+data = "data.data_dir=" + str(workdir / "data")
+runs = {"cli": (20, []), "cli-artifex": (10, ["model.model_class=artifex_vae", "model.parameters={kl_weight: 1.0}"])}
+for name, (steps, overrides) in runs.items():
+    cli_workdir = workdir / name
+    command = ["-m", "workshop_dist.cli", "--workdir", str(cli_workdir), f"training.max_steps={steps}"]
+    subprocess.run([sys.executable, *command, "training.scheduler.warmup_steps=5", data, *overrides], check=True)
+    saved = sorted(p.name for p in (cli_workdir / "checkpoints").iterdir())
+    assert str(steps) in saved, (name, saved)
+built = create_model(ModelConfiguration(model_class="artifex_vae"), rngs=nnx.Rngs(0))
+assert isinstance(built.model, VAE), type(built.model)
+print(f"ok: jax {jax.__version__}, 20 steps from arrays, 20 with workshop-train and 10 of artifex's VAE, "
+      f"events {events[0].name}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import threading
 import time
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 from workshop_dist.data.digits import load_digits_split
@@ -113,3 +116,19 @@ def checkpoint_arrays(step_dir: Path) -> dict[str, np.ndarray]:
         "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "2m"):
+    """A ``size`` tmpfs mounted at ``path`` (a full disk for tests); skips the test unless root can mount."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True, capture_output=True)
+    except (subprocess.CalledProcessError, FileNotFoundError) as err:
+        pytest.skip(f"cannot mount a tmpfs here: {err}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False, capture_output=True)

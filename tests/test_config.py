@@ -82,7 +82,9 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             log_frequency=5,
             eval_frequency=25,
             checkpoint=CheckpointConfiguration(
-                directory="/tmp/checkpoints", max_to_keep=2, async_save=False, replica_parallel=True
+                directory="/tmp/checkpoints", max_to_keep=2, async_save=False, replica_parallel=True,
+                on_error="continue", save_retries=1, lock_timeout=30,
+                local={"directory": "/tmp/local", "every": 10, "max_to_keep": 1},
             ),
             optimizers={
                 "generator": GroupOptimizerConfiguration(
@@ -130,6 +132,11 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             worker_count=2,
             prefetch=4,
             download=True,
+            image_size=32,
+            channels=3,
+            resize=False,
+            random_crop=False,
+            skip_bad_examples=True,
         ),
         mesh=MeshConfiguration(
             data=2, fsdp=2, tensor=2, dcn_data=2, logical_axis_rules={"embed": "fsdp"}, fsdp_min_size=10

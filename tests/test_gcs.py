@@ -232,3 +232,63 @@ def test_gs_workdir_and_data_dir_sigterm_resume_bit_identical_to_local_disk(gcs,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr[-3000:]
     assert f"finished at step {FINAL}" in report.stdout
+
+
+def test_the_workdir_lock_on_the_emulator_uses_conditional_writes(gcs):
+    from workshop_dist import versioned_file
+    from workshop_dist.workdir_lock import LOCK_FILE, WorkdirBusyError, WorkdirLock
+
+    workdir = f"gs://{BUCKET}/locked"
+    store = versioned_file.versioned_file(bucket("locked") / LOCK_FILE)
+    assert store.read() == (None, 0)
+    version = store.write({"job_id": "a"}, 0)
+    with pytest.raises(versioned_file.VersionConflict):  # create-if-absent lost to the first writer
+        versioned_file.versioned_file(bucket("locked") / LOCK_FILE).write({"job_id": "b"}, 0)
+    with pytest.raises(versioned_file.VersionConflict):  # a write based on an old version
+        store.write({"job_id": "c"}, version - 1)
+    assert store.read() == ({"job_id": "a"}, version)
+
+    now = time.time()
+    stale = {"job_id": "gone", "host": "elsewhere", "pid": 1, "started": now - 500, "refreshed": now - 300}
+    store.write(stale, version)
+    with WorkdirLock(workdir, job_id="job-a", timeout=60, refresh_seconds=0.2) as lock:
+        assert lock.took_over.job_id == "gone"
+        held = json.loads((bucket("locked") / LOCK_FILE).read_text())
+        time.sleep(0.8)
+        refreshed = json.loads((bucket("locked") / LOCK_FILE).read_text())
+        assert held["job_id"] == refreshed["job_id"] == "job-a" and refreshed["refreshed"] > held["refreshed"]
+        other = WorkdirLock(workdir, job_id="job-b", timeout=60)
+        other._holder.host = "elsewhere"  # another host: recognised as live by lock's next refresh
+        with pytest.raises(WorkdirBusyError, match="in use by job job-a"):
+            other.acquire()
+    assert json.loads((bucket("locked") / LOCK_FILE).read_text())["released"] is not None
+    with WorkdirLock(workdir, job_id="job-c") as lock:
+        assert lock.took_over is None
+
+
+def test_preflight_refuses_missing_and_unreachable_buckets_with_one_message(gcs, tmp_path):
+    from workshop_dist.preflight import StorageError, check_storage
+
+    check_storage(f"gs://{BUCKET}/preflight/run", data_dir=f"gs://{BUCKET}/data")
+    from google.cloud import storage as gcs_client
+
+    left = [b.name for b in gcs_client.Client().bucket(BUCKET).list_blobs(prefix="preflight/")]
+    assert left == []  # the probe object is deleted
+    with pytest.raises(StorageError, match=r"^--workdir gs://no-such-bucket/run: the bucket 'no-such-bucket' does not exist"):
+        check_storage("gs://no-such-bucket/run")
+    with pytest.raises(StorageError, match=r"^data.data_dir gs://no-such-bucket/d: the bucket 'no-such-bucket' does not"):
+        check_storage(f"gs://{BUCKET}/preflight/run", data_dir="gs://no-such-bucket/d")
+
+    gone = Emulator(tmp_path / "gone.log")  # a second server, stopped: nothing listens on its port
+    gone.stop()
+    os.environ["STORAGE_EMULATOR_HOST"] = gone.url
+    try:
+        from workshop_dist import preflight
+
+        start = time.monotonic()
+        with pytest.raises(StorageError, match="Cloud Storage could not be reached within 2 s") as err:
+            preflight.check_workdir(f"gs://{BUCKET}/run", retry_seconds=2)
+        assert time.monotonic() - start < 30  # retried (api_core's jittered backoff) for 2 s, then one message
+        assert "[Errno 111] Connection refused" in str(err.value)
+    finally:
+        os.environ["STORAGE_EMULATOR_HOST"] = gcs.url

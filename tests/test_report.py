@@ -191,6 +191,20 @@ def test_runlog_writes_what_the_report_reads(tmp_path):
         log.timed("lunch", 1.0, 10)  # type: ignore[arg-type]
 
 
+def test_the_report_names_the_tier_each_restart_restored_from(tmp_path):
+    for tier in (None, "local", "persistent"):  # a first start, then two restarts of a tiered run
+        log = RunLog(tmp_path, enabled=True)
+        log.started(0 if tier is None else 10, 30, resumed_from=None if tier is None else 10)
+        if tier is not None:
+            log.timed("restore", 0.1, 10, tier=tier)
+        log.timed("train", 1.0, 12)
+        log.ended(12, "preempted")
+    report = compute_report(tmp_path)
+    assert [r.tier for r in report.restarts] == ["local", "persistent"]
+    text = format_report(report)
+    assert "at step 10 (local tier) after preemption" in text and "at step 10 (persistent tier)" in text
+
+
 def test_runlog_on_other_processes_writes_nothing(tmp_path):
     log = RunLog(tmp_path, enabled=False)
     log.started(0, 10)

@@ -13,7 +13,7 @@ import logging
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
@@ -21,13 +21,22 @@ import orbax.checkpoint as ocp
 import pydantic
 from orbax.checkpoint import checkpoint_managers as policies
 
-from workshop_dist import storage
+from workshop_dist import save_failures, storage
 from workshop_dist.config import StrictConfig, WorkshopError
+from workshop_dist.save_failures import CheckpointSaveError, SaveGuard  # noqa: F401 -- re-exported
 
 STATE, DATA, CONFIG, METADATA = "state", "data", "config", "metadata"
 ITEMS = (STATE, DATA, CONFIG, METADATA)
 BEST_METRIC = "val_loss"
 log = logging.getLogger("workshop_dist")
+
+
+class LocalCheckpointConfiguration(StrictConfig):
+    """The local tier (``training.checkpoint.local``): frequent checkpoints on each host's own disk."""
+
+    directory: str = pydantic.Field(description="A local directory on every host (e.g. /tmp/ckpt or a local SSD).")
+    every: int = pydantic.Field(gt=0, description="Save to the local tier every this many steps.")
+    max_to_keep: int = pydantic.Field(2, gt=0, description="Local checkpoints kept per host.")
 
 
 class CheckpointConfiguration(StrictConfig):
@@ -40,6 +49,16 @@ class CheckpointConfiguration(StrictConfig):
         False,
         description="Split the writing of replicated arrays between their replicas (helps multi-host "
         "data parallelism finish saves sooner, costs the loop more time per save).",
+    )
+    on_error: Literal["stop", "continue"] = pydantic.Field(
+        "stop", description="A failed save (disk full, no permission...): stop the run (exit 1), or warn and go on."
+    )
+    save_retries: int = pydantic.Field(
+        3, ge=0, description="Transient storage errors (timeouts, refused connections) retried this many times first."
+    )
+    lock_timeout: float = pydantic.Field(60.0, gt=0, description="A workdir lock unrefreshed this long (s) is taken over.")
+    local: LocalCheckpointConfiguration | None = pydantic.Field(
+        None, description="Frequent checkpoints on each host's local disk beside these (workshop_dist.tiered_checkpoint)."
     )
 
 
@@ -60,6 +79,7 @@ class _OnlySomeSavesHaveMetrics(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_OnlySomeSavesHaveMetrics())
+logging.getLogger("absl").addFilter(save_failures.OrbaxThreadTracebacks())
 
 
 class CheckpointError(WorkshopError):
@@ -179,10 +199,22 @@ class CheckpointManager:
 
     The best checkpoint is the one with the lowest ``val_loss`` among those saved with
     metrics (Orbax tracks it: ``best_fn``/``best_mode``); the latest-N rule never removes it.
+
+    A failed save (disk full, no permission, I/O error, unreachable bucket; async or not) is
+    one :class:`CheckpointSaveError`, or a warning with ``on_error="continue"``: see
+    :class:`~workshop_dist.save_failures.SaveGuard`.
     """
 
     def __init__(
-        self, directory: str | Path, *, max_to_keep: int = 5, async_save: bool = True, replica_parallel: bool = False
+        self,
+        directory: str | Path,
+        *,
+        max_to_keep: int = 5,
+        async_save: bool = True,
+        replica_parallel: bool = False,
+        on_error: Literal["stop", "continue"] = "stop",
+        save_retries: int = 3,
+        retry_seconds: float = 1.0,
     ):
         self.directory = storage.as_path(directory)  # local (absolute) or gs://
         preservation = policies.AnyPreservationPolicy(
@@ -207,6 +239,21 @@ class CheckpointManager:
         self._manager = ocp.CheckpointManager(
             self.directory, item_handlers=_item_handlers(replica_parallel), options=options
         )
+        self.guard = SaveGuard(
+            self._manager, self.directory, on_error=on_error, retries=save_retries, retry_seconds=retry_seconds,
+            async_save=async_save,
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, directory: str | Path, config: CheckpointConfiguration) -> CheckpointManager:
+        return cls(
+            directory,
+            max_to_keep=config.max_to_keep,
+            async_save=config.async_save,
+            replica_parallel=config.replica_parallel,
+            on_error=config.on_error,
+            save_retries=config.save_retries,
+        )
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -228,15 +275,21 @@ class CheckpointManager:
         data_iterator: Any = None,
         metrics: Mapping[str, float] | None = None,
     ) -> bool:
-        """Start saving ``step`` (async: returns once the device arrays are copied off)."""
+        """Start saving ``step`` (async: returns once the device arrays are copied off).
+
+        Returns whether a save was started; False when ``step`` is saved already or the save
+        failed under ``on_error="continue"``.
+        """
+        self.guard.settle()  # a failed earlier async save is reported as itself, not as this one
         if step in self._manager.all_steps():
             return False
         args = _save_args(state, data_iterator, config, metadata)
-        return self._manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
+        metrics = dict(metrics) if metrics else None
+        return self.guard.save(step, lambda: self._manager.save(step, args=args, metrics=metrics, force=True))
 
     def wait(self) -> None:
-        """Block until every pending save is complete on disk."""
-        self._manager.wait_until_finished()
+        """Block until every pending save is complete on disk (and report one that failed)."""
+        self.guard.settle()
 
     def restore(
         self, abstract_state: Any, *, data_iterator: Any = None, step: int | None = None
@@ -276,8 +329,8 @@ class CheckpointManager:
         )
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for the pending save and close Orbax's threads, also when that save failed."""
+        self.guard.close()
 
 
 def save_checkpoint_dir(

@@ -66,6 +66,9 @@ def load_config(path: str | None, overrides: list[str]):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from workshop_dist.backends import skip_idle_tpu_backend
+
+    skip_idle_tpu_backend()  # before JAX starts its backends: libtpu off a TPU host stays silent
     from workshop_dist.config import WorkshopError
     from workshop_dist.training.preemption import EXIT_PREEMPTED, Preempted
 

@@ -41,6 +41,7 @@ class Restart:
     cause: str  # preemption, error: ..., crash (no end event), a finished run was continued
     steps_redone: int  # steps the earlier process did past the checkpoint it resumed from
     downtime: float  # seconds between the earlier process's last event and this one's start
+    tier: str | None = None  # the checkpoint tier the restore read (tiered checkpoints: local or persistent)
 
 
 @dataclasses.dataclass
@@ -117,7 +118,8 @@ def compute_report(workdir: str | os.PathLike, checkpoint_dir: str | os.PathLike
             cause = CAUSES.get(end["reason"], end["reason"])
         downtime = max(_session_start(ordered[index]) - max(e["time"] for e in previous), 0.0)
         redone = max(last_step - resumed_from, 0) if resumed_from is not None else 0
-        restarts.append(Restart(start["step"], cause, redone, downtime))
+        tier = next((e.get("tier") for e in ordered[index] if e.get("kind") == "restore" and e.get("tier")), None)
+        restarts.append(Restart(start["step"], cause, redone, downtime, tier))
     seconds["restarts"] = sum(restart.downtime for restart in restarts)
 
     first_time = _session_start(ordered[0])
@@ -231,7 +233,8 @@ def format_report(report: RunReport, now: float | None = None) -> str:
     for number, restart in enumerate(report.restarts, 1):
         row(
             f"restart {number}",
-            f"at step {restart.at_step} after {restart.cause}; {restart.steps_redone} steps redone, "
+            f"at step {restart.at_step}{f' ({restart.tier} tier)' if restart.tier else ''} after {restart.cause}; "
+            f"{restart.steps_redone} steps redone, "
             f"{format_duration(restart.downtime)} between processes",
             indent=4,
         )

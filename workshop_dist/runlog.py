@@ -11,7 +11,8 @@ start), ``step``):
 
 - ``start``: ``total_steps``, ``resumed_from`` (step restored, or None), ``examples_per_step``,
   ``process_count``, ``checkpoint_dir``, ``host``, ``pid``.
-- ``time``: ``kind`` (one of :data:`KINDS`), ``seconds``, and for ``eval`` the ``val_loss``.
+- ``time``: ``kind`` (one of :data:`KINDS`), ``seconds``, for ``eval`` the ``val_loss``, and for
+  ``restore`` the checkpoint ``tier`` it came from (``local`` or ``persistent``) when tiered.
 - ``end``: ``reason`` (one of :data:`REASONS`) and an optional ``detail`` (the error).
 
 A ``start`` that follows a session without an ``end`` means that session crashed or was
@@ -91,7 +92,9 @@ class RunLog:
             pid=os.getpid(),
         )
 
-    def timed(self, kind: Kind, seconds: float, step: int, *, val_loss: float | None = None) -> None:
+    def timed(
+        self, kind: Kind, seconds: float, step: int, *, val_loss: float | None = None, tier: str | None = None
+    ) -> None:
         """``seconds`` spent on ``kind`` ending at ``step``.
 
         ``train`` is the time of the steps since the last ``train`` event (log it at every
@@ -104,6 +107,8 @@ class RunLog:
         fields: dict[str, Any] = {"kind": kind, "seconds": float(seconds)}
         if val_loss is not None:
             fields["val_loss"] = float(val_loss) if math.isfinite(val_loss) else str(val_loss)
+        if tier is not None:
+            fields["tier"] = tier
         self._write("time", step, **fields)
 
     @contextlib.contextmanager

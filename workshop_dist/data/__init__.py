@@ -8,6 +8,7 @@ Importing this package starts nothing and writes nothing (Grain workers re-impor
 """
 
 from workshop_dist.data.config import DataConfiguration
+from workshop_dist.data.images import label_map, write_label_map
 from workshop_dist.data.inputs import EvalInput, TrainInput
 from workshop_dist.data.pipeline import (
     array_eval_input,
@@ -18,17 +19,21 @@ from workshop_dist.data.pipeline import (
 )
 from workshop_dist.data.records import write_array_record
 from workshop_dist.data.sources import DatasetNotPreparedError, resolve_data_dir
+from workshop_dist.data.transforms import BadExampleError
 
 __all__ = [
+    "BadExampleError",
     "DataConfiguration",
     "DatasetNotPreparedError",
     "EvalInput",
     "TrainInput",
     "array_eval_input",
     "array_train_input",
+    "label_map",
     "make_eval_input",
     "make_train_input",
     "process_rows",
     "resolve_data_dir",
     "write_array_record",
+    "write_label_map",
 ]

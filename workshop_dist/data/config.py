@@ -8,6 +8,8 @@ import pydantic
 
 from workshop_dist.config import StrictConfig
 
+SOURCE_KINDS = ("tfds", "array_record", "images")
+
 
 class DataConfiguration(StrictConfig):
     """Where examples come from and how they are turned into batches."""
@@ -15,8 +17,9 @@ class DataConfiguration(StrictConfig):
     source: str = pydantic.Field(
         "digits",
         description="'digits' (built in), 'tfds:NAME[:CONFIG]' (prepared with tfds build "
-        "--file_format=array_record) or 'array_record:GLOB' ({split} in GLOB becomes the split name; "
-        "record format: workshop_dist.data.records).",
+        "--file_format=array_record), 'array_record:GLOB' ({split} in GLOB becomes the split name; "
+        "record format: workshop_dist.data.records) or 'images:PATH' (PNG/JPEG/WebP files, one folder "
+        "per split under PATH or {split} in PATH, optional class subfolders).",
     )
     data_dir: str | None = pydantic.Field(
         None,
@@ -52,15 +55,43 @@ class DataConfiguration(StrictConfig):
         2, ge=0, description="Batches prepared ahead of the training step (in a thread, or per worker)."
     )
     download: bool = pydantic.Field(False, description="Allow TFDS to download and prepare missing datasets.")
+    # Image folders (source 'images:PATH'); see workshop_dist.data.images.
+    image_size: int | None = pydantic.Field(
+        None,
+        ge=1,
+        description="images: side of the square images fed to the model (shorter side resized to it, then "
+        "cropped). Default: the images' own size, which must then be the same for all of them.",
+    )
+    channels: Literal[1, 3] | None = pydantic.Field(
+        None,
+        description="images: 1 (grey) or 3 (RGB); images of other modes are converted (alpha is dropped). "
+        "Default: the images' own channel count, which must then be the same for all of them.",
+    )
+    resize: bool = pydantic.Field(
+        True,
+        description="images: resize the shorter side to image_size before cropping; false: crop only (every "
+        "image must be at least image_size on both sides).",
+    )
+    random_crop: bool = pydantic.Field(
+        True,
+        description="images: random crops of training images (drawn per example from the data seed, so "
+        "reproducible and resumable); evaluation and data.cache always crop the center.",
+    )
+    skip_bad_examples: bool = pydantic.Field(
+        False,
+        description="images: an unreadable or corrupt file is replaced by the next readable example (so "
+        "batches stay full and positions resumable) and counted in the log, instead of stopping the run.",
+    )
 
     @pydantic.field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
         kind = value.split(":", 1)[0]
-        if value != "digits" and kind not in ("tfds", "array_record"):
+        if value != "digits" and kind not in SOURCE_KINDS:
             raise ValueError(
-                f"unknown data source '{value}': use 'digits', 'tfds:NAME[:CONFIG]' or 'array_record:GLOB'"
+                f"unknown data source '{value}': use 'digits', 'tfds:NAME[:CONFIG]', 'array_record:GLOB' "
+                "or 'images:PATH'"
             )
-        if kind in ("tfds", "array_record") and not value.split(":", 1)[1:]:
+        if kind in SOURCE_KINDS and not value.partition(":")[2]:
             raise ValueError(f"data source '{value}' needs a name after '{kind}:'")
         return value

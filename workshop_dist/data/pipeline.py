@@ -4,8 +4,9 @@ Training, per process: a Grain ``MapDataset`` whose element ``b`` is this proces
 of global batch ``b`` (:class:`~workshop_dist.data.batches.GlobalBatches`)::
 
     epoch e = b // steps_per_epoch: one global permutation (the same on every process)
-    -> positions of global batch b -> this process's rows -> read (decode) -> standardize
-    -> random flip (drawn per global position) -> prefetch (a thread, or worker processes)
+    -> positions of global batch b -> this process's rows -> read (decode; random crops of
+    image folders drawn per global position) -> standardize -> random flip (drawn per global
+    position) -> prefetch (a thread, or worker processes)
 
 Each epoch is exactly ``steps_per_epoch = num_examples // global_batch_size`` global
 batches built from that epoch's permutation only (clean boundaries); the examples left over
@@ -53,7 +54,7 @@ def make_train_input(
 
     ``process_index`` / ``process_count`` default to JAX's; tests pass them to simulate hosts.
     """
-    reader, standardize = _open(config, config.train_split)
+    reader, standardize = _open(config, config.train_split, augment=True)
     return _train_input(
         reader,
         standardize,
@@ -171,7 +172,7 @@ def derive_seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
 
 
-_SHUFFLE, _FLIP = 0, 1
+_SHUFFLE, _FLIP, _CROP = 0, 1, 2
 
 
 def process_rows(global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
@@ -213,6 +214,7 @@ def _train_input(
         transform=standardize,
         shuffle_seed=derive_seed(seed, _SHUFFLE) if shuffle else None,
         flip_seed=derive_seed(seed, _FLIP) if random_flip else None,
+        crop_seed=derive_seed(seed, _CROP) if reader.augments else None,
     )
     iter_ds = batches.to_iter_dataset(_read_options(prefetch))
     if worker_count:
@@ -233,10 +235,13 @@ def _train_input(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _open(config: DataConfiguration, split: str) -> tuple[ExampleReader, Standardize]:
-    """The split's reader (in memory with ``data.cache``) and its batch standardization."""
-    source = open_source(config, split)
-    reader = ExampleReader(source.data, source.decode)
+def _open(config: DataConfiguration, split: str, *, augment: bool = False) -> tuple[ExampleReader, Standardize]:
+    """The split's reader (in memory with ``data.cache``) and its batch standardization.
+
+    ``augment``: training (random crops of image folders, unless cached: decoded once, centered).
+    """
+    source = open_source(config, split, augment=augment and not config.cache)
+    reader = ExampleReader(source.data, source.decode, skip_bad=source.skip_bad)
     if len(reader) and config.cache:
         reader = ExampleReader(ArraySource(reader.read_all()))
     return reader, _standardize(config, source, reader)

@@ -8,6 +8,8 @@
   ``tfds.data_source``. Nothing is downloaded unless ``data.download=true``.
 * ``array_record:GLOB``: ArrayRecord files in the format of :mod:`workshop_dist.data.records`;
   ``{split}`` in GLOB is replaced by the split name.
+* ``images:PATH``: PNG, JPEG and WebP files, one folder per split (:mod:`workshop_dist.data.images`),
+  decoded by a Grain transform on their paths.
 
 The data dir is ``data.data_dir``, else ``$WORKSHOP_DATA_DIR``, else ``~/.cache/workshop_dist/data``.
 """
@@ -47,13 +49,15 @@ class Source:
 
     ``data`` has ``__len__`` and ``__getitem__`` (Grain's ``RandomAccessDataSource``);
     ``decode`` turns its records into dicts of arrays (None: they already are);
-    ``max_level`` is the pixel value that maps to 1.0 (None: from the image dtype).
+    ``max_level`` is the pixel value that maps to 1.0 (None: from the image dtype);
+    ``skip_bad``: replace examples whose decoding fails (``data.skip_bad_examples``).
     """
 
     data: Any
     name: str
     decode: grain.transforms.Map | None = None
     max_level: float | None = None
+    skip_bad: bool = False
 
     def __len__(self) -> int:
         return len(self.data)
@@ -99,9 +103,14 @@ def resolve_data_dir(config: DataConfiguration, dataset: str | None = None) -> P
     return Path(raw).expanduser().absolute()
 
 
-def open_source(config: DataConfiguration, split: str) -> Source:
-    """The split ``split`` of the data set named by ``config.source``."""
+def open_source(config: DataConfiguration, split: str, *, augment: bool = False) -> Source:
+    """The split ``split`` of the data set named by ``config.source``.
+
+    ``augment``: training examples (random crops of image folders, if ``data.random_crop``).
+    """
     kind, _, rest = config.source.partition(":")
+    if kind != "images":
+        _check_image_fields(config)
     if config.source == "digits":
         if split not in digits.SPLITS:
             raise ConfigError(
@@ -120,7 +129,49 @@ def open_source(config: DataConfiguration, split: str) -> Source:
         return Source(
             data, name=f"array_record:{rest}[{split}]", decode=DecodeRecord(), max_level=config.max_level
         )
+    if kind == "images":
+        return image_source(config, rest, split, augment=augment)
     raise ConfigError(f"unknown data source '{config.source}'")  # the config validator prevents this
+
+
+def image_source(config: DataConfiguration, pattern: str, split: str, *, augment: bool) -> Source:
+    """An image folder split: records are ``(index, path)``, decoded by :class:`images.DecodeImage`."""
+    from workshop_dist.data import images
+
+    folder = images.list_folder(pattern, split, label_split=config.train_split)
+    scanned = folder.paths  # headers are read only when a setting is left to them (see resolve_settings)
+    if split != config.train_split and images.split_dir(pattern, config.train_split).is_dir():
+        scanned += images.list_folder(pattern, config.train_split).paths  # same channels/size as training
+    settings = images.resolve_settings(
+        scanned,
+        image_size=config.image_size,
+        channels=config.channels,
+        resize=config.resize,
+        skip_bad=config.skip_bad_examples,
+        where=str(folder.root),
+    )
+    random_crop = augment and config.random_crop
+    decode = (images.DecodeImageRandomCrop if random_crop else images.DecodeImage)(settings, folder.labels)
+    return Source(
+        images.ImageFiles(folder),
+        name=f"images:{pattern}[{split}]",
+        decode=decode,
+        max_level=config.max_level or 255.0,
+        skip_bad=config.skip_bad_examples,
+    )
+
+
+def _check_image_fields(config: DataConfiguration) -> None:
+    """image_size / channels / resize / random_crop configure only image folders: say so rather than ignore them."""
+    defaults = DataConfiguration.model_fields
+    changed = [
+        name for name in ("image_size", "channels", "resize", "random_crop") if getattr(config, name) != defaults[name].default
+    ]
+    if changed:
+        raise ConfigError(
+            f"data.{', data.'.join(changed)} only apply to 'images:PATH' sources, not '{config.source}'. Resize other "
+            "data once with `workshop-data convert SRC DEST --image-size N`, then train on array_record:DEST/..."
+        )
 
 
 def tfds_name(spec: str) -> str:

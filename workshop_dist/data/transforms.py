@@ -14,6 +14,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from workshop_dist.config import WorkshopError
 from workshop_dist.data.records import decode_example
 
 Example = dict[str, np.ndarray]
@@ -65,3 +66,11 @@ class Standardize(grain.transforms.Map):
         return out
 
     __call__ = map
+
+
+class BadExampleError(WorkshopError):
+    """An example that cannot be read (an unreadable or corrupt file); the message names it.
+
+    With ``data.skip_bad_examples`` the batch reader replaces it instead
+    (:class:`workshop_dist.data.batches.ExampleReader`).
+    """

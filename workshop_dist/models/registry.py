@@ -21,6 +21,7 @@ from workshop_dist.config import ConfigError, format_validation_error
 from workshop_dist.models.config import ModelConfiguration
 
 _REGISTRY: dict[str, type] = {}
+_ADAPTERS: dict[str, Callable[[type | str], type]] = {}  # package -> wraps that package's model classes
 C = TypeVar("C", bound=type)
 
 
@@ -42,6 +43,16 @@ def register_model(name: str) -> Callable[[C], C]:
     return add
 
 
+def register_adapter(package: str, adapt: Callable[[type | str], type]) -> None:
+    """For outside libraries whose models have their own constructors and objectives (avitai-artifex).
+
+    ``model_class: package:Name`` or ``package.module.Name`` resolves to ``adapt(model_class)``; a
+    class elsewhere that derives from the package's classes (and has no ``example_losses``)
+    resolves to ``adapt(cls)``.
+    """
+    _ADAPTERS[package] = adapt
+
+
 def registered_models() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -49,6 +60,9 @@ def registered_models() -> list[str]:
 def resolve_model_class(model_class: str) -> type:
     if model_class in _REGISTRY:
         return _REGISTRY[model_class]
+    package = model_class.partition(":")[0].partition(".")[0]
+    if package in _ADAPTERS and package != model_class:  # 'artifex:VAE' or 'artifex.generative_models....VAE'
+        return _ADAPTERS[package](model_class)
     if "." not in model_class:
         close = difflib.get_close_matches(model_class, _REGISTRY, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -64,6 +78,11 @@ def resolve_model_class(model_class: str) -> type:
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
         raise ConfigError(f"model.model_class '{model_class}': module '{module_name}' has no class '{attr}'.")
+    if not hasattr(cls, "example_losses"):  # a user's subclass of an outside library's model
+        for base in cls.__mro__:
+            adapt = _ADAPTERS.get(base.__module__.partition(".")[0])
+            if adapt is not None:
+                return adapt(cls)
     return cls
 
 
