@@ -28,8 +28,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # Libraries ask the system about itself through short-lived tools (ctypes.util.find_library
-# runs ldconfig or gcc): those are not the processes the rule is about.
-SYSTEM_PROBES = {"ldconfig", "gcc", "cc", "ld", "objdump", "uname", "lsb_release"}
+# runs ldconfig or gcc), tests bind-mount a read-only directory: short system tools, not the
+# processes the rule is about.
+SYSTEM_PROBES = {"ldconfig", "gcc", "cc", "ld", "objdump", "uname", "lsb_release", "mount", "umount"}
 
 
 @pytest.fixture(autouse=True)

@@ -65,6 +65,7 @@ def run_without_platforms(*command: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_cpu_runs_print_nothing_from_libtpu(tmp_path):
     if backends.tpu_may_be_attached():

@@ -64,6 +64,7 @@ def test_this_process_cannot_take_its_own_held_lock_twice(tmp_path):
         WorkdirLock(tmp_path, job_id="job-a").acquire()
 
 
+@pytest.mark.slow
 def test_a_dead_holder_on_this_host_is_taken_over_with_a_warning(tmp_path, caplog):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
