@@ -71,10 +71,10 @@ def _digits(count: int = 16) -> dict[str, jax.Array]:
         pytest.param(lambda: _pixelcnn(), marks=pytest.mark.slow),
         lambda: _pixelcnn(num_classes=10),
         pytest.param(lambda: _flow(), marks=pytest.mark.slow),
-        lambda: _flow(network="mlp", dequantization="variational"),
+        pytest.param(lambda: _flow(network="mlp", dequantization="variational"), marks=pytest.mark.slow),
         lambda: _vae(likelihood="categorical"),
         lambda: _vae(likelihood="discretized_logistic"),
-        lambda: _vae("conv_vae", hidden=(8,), likelihood="categorical"),
+        pytest.param(lambda: _vae("conv_vae", hidden=(8,), likelihood="categorical"), marks=pytest.mark.slow),
     ],
     ids=["pixelcnn", "pixelcnn_cond", "flow", "flow_mlp_vardeq", "vae_cat", "vae_logistic", "conv_vae_cat"],
 )
@@ -130,7 +130,7 @@ def test_pixelcnn_is_causal_without_blind_spot() -> None:
         assert i == 0 or jacobian[i, :i].min() > 0, f"pixel {i} misses earlier pixels: {jacobian[i]}"
 
 
-@pytest.mark.parametrize("num_classes", [0, 2])
+@pytest.mark.parametrize("num_classes", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_pixelcnn_probabilities_sum_to_one_over_all_images(num_classes: int) -> None:
     model = _pixelcnn((2, 2, 1), num_levels=LEVELS, num_classes=num_classes)
     _perturb(model, 0.2)
@@ -143,7 +143,7 @@ def test_pixelcnn_probabilities_sum_to_one_over_all_images(num_classes: int) -> 
 # --- Flow ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("network", ["conv", "mlp"])
+@pytest.mark.parametrize("network", [pytest.param("conv", marks=pytest.mark.slow), "mlp"])
 def test_flow_log_det_matches_numerical_jacobian_and_inverts(network: str) -> None:
     model = _flow((4, 4, 1), num_levels=17, network=network)
     _perturb(model, 0.1)
@@ -194,6 +194,7 @@ def test_flow_discrete_probabilities_sum_to_one() -> None:
 # --- VAE -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_discrete_decoders_are_normalised_per_pixel() -> None:
     levels = jnp.arange(17)
     mu = jax.random.normal(jax.random.key(0), (5, 1)) * 1.5
@@ -207,7 +208,8 @@ def test_discrete_decoders_are_normalised_per_pixel() -> None:
         np.testing.assert_allclose(jnp.exp(log_p).sum(0), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("likelihood", [pytest.param("categorical", marks=pytest.mark.slow), "discretized_logistic"])
+@pytest.mark.slow  # compiles an importance-weighted bound per likelihood
+@pytest.mark.parametrize("likelihood", ["categorical", "discretized_logistic"])
 def test_iwae_bound_tightens_towards_exact_likelihood(likelihood: str) -> None:
     """A 1-d latent makes log p(x) computable by quadrature: the IWAE bound is <= it on average,
     increases with K, K=1 averages to the ELBO, and the exact p(x) sums to one over all images."""
@@ -270,6 +272,7 @@ def test_large_parameters_are_sharded_over_fsdp(build) -> None:
     assert all(spec is not None for spec in jax.tree.leaves(logical, is_leaf=lambda s: s is None))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "build",
     [
