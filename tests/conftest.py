@@ -10,6 +10,7 @@ more than a few steps or compiles a large model (several seconds on 2 cores); a 
 every test is such marks them all with ``pytestmark = pytest.mark.slow``.
 """
 
+import logging
 import multiprocessing.process
 import os
 import subprocess
@@ -61,3 +62,15 @@ def _fast_tests_start_no_processes(request, monkeypatch):
             "@pytest.mark.slow (see tests/conftest.py), or test it in-process",
             pytrace=False,
         )
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handlers_outlive_their_test():
+    """A run's Logger binds a handler to the stderr of the test that made it (pytest's capture);
+    left on the "workshop_dist" logger it would write into a closed stream in later tests."""
+    yield
+    logger = logging.getLogger("workshop_dist")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_workshop_dist", False):
+            logger.removeHandler(handler)
+            handler.close()
