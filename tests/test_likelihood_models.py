@@ -130,7 +130,8 @@ def test_pixelcnn_is_causal_without_blind_spot() -> None:
         assert i == 0 or jacobian[i, :i].min() > 0, f"pixel {i} misses earlier pixels: {jacobian[i]}"
 
 
-@pytest.mark.parametrize("num_classes", [pytest.param(0, marks=pytest.mark.slow), 2])
+@pytest.mark.slow  # sums over every 8x8 image of a few levels
+@pytest.mark.parametrize("num_classes", [0, 2])
 def test_pixelcnn_probabilities_sum_to_one_over_all_images(num_classes: int) -> None:
     model = _pixelcnn((2, 2, 1), num_levels=LEVELS, num_classes=num_classes)
     _perturb(model, 0.2)

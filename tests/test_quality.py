@@ -20,12 +20,14 @@ def test_training_is_deterministic(test_split):
     np.testing.assert_array_equal(cached.features(test_split["image"]), again.features(test_split["image"]))
 
 
+@pytest.mark.slow
 def test_classifier_is_accurate_on_held_out_digits():
     classifier = quality.train_classifier(0)
     assert classifier.test_accuracy >= 0.95
     assert classifier.train_accuracy >= 0.99
 
 
+@pytest.mark.slow
 def test_per_class_accuracy_of_real_test_images(test_split):
     result = quality.sample_quality(test_split["image"], test_split["label"])
     assert result["accuracy"] == pytest.approx(quality.train_classifier(0).test_accuracy)
@@ -44,11 +46,13 @@ def test_frechet_distance_matches_the_sqrtm_formula():
     assert quality.frechet_distance(a, b) == pytest.approx(reference, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_distance_of_a_set_to_itself_is_zero(test_split):
     feats = quality.features(test_split["image"])
     assert quality.frechet_distance(feats, feats) < 1e-6 * np.trace(np.cov(feats, rowvar=False))
 
 
+@pytest.mark.slow
 def test_distance_grows_with_noise_and_noise_is_far_above_the_floor(test_split):
     rng = np.random.default_rng(0)
     images = test_split["image"].astype(np.float32)

@@ -42,6 +42,7 @@ def test_quick_vae_run_prints_a_table_and_writes_a_grid(tmp_path, capsys):
     assert "skip" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_missing_configs_are_skipped_with_a_clear_line(tmp_path, capsys):
     bench = load_benchmark()
     assert (
