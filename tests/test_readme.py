@@ -83,8 +83,9 @@ def test_the_quickstart_test_commands_are_what_ci_runs():
     for run in pytest_runs:
         ran_by = [leg for leg, plan in legs.items() if run in plan["tests"]]
         assert ran_by, f"Quickstart runs {shlex.join(run)!r}, which no CI leg runs: {legs}"
-        for leg in ran_by:
-            assert without_constraints(legs[leg]["install"]) == test_install, (leg, legs[leg]["install"])
+        for leg in ran_by:  # installed as the README says (a leg may add packages, e.g. PyTorch for parity tests)
+            ci_install = without_constraints(legs[leg]["install"])
+            assert ci_install[: len(test_install)] == test_install, (leg, legs[leg]["install"])
     # The full suite is run on the newest releases, the fast set on the lowest ones.
     assert any(run[:4] == ["python", "-m", "pytest", "-q"] and "-m" not in run[4:] for run in legs["newest"]["tests"])
     assert ["python", "-m", "pytest", "-q", "-m", "not slow"] in legs["lowest"]["tests"]
