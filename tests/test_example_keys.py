@@ -74,7 +74,7 @@ def test_accumulation_gives_the_full_batch_run(family):
 
 
 def test_results_do_not_depend_on_the_mesh():
-    config = config_for("vae", "training.max_steps=6")
+    config = config_for("vae", "training.max_steps=6", "model.hidden_dims=[32]", "training.batch_size=64")
     one = parallel.MeshConfiguration(data=1)
     single = trained(config, parallel.make_mesh(one, jax.devices()[:1]), one)
     eight = parallel.MeshConfiguration(data=2, fsdp=4)
@@ -97,15 +97,19 @@ def test_evaluation_does_not_depend_on_the_batch_size(family):
 
 
 def test_example_keys_follow_the_example_and_are_sharded_like_the_batch():
-    keys = ExampleKeys.of(jax.random.key(0), 8)
-    noise = keys.normal((3,))
+    @jax.jit
+    def draws(key):
+        keys = ExampleKeys.of(key, 8)
+        a, b = keys.split(2)
+        return (keys.normal((3,)), ExampleKeys(keys.keys[1::2]).normal((3,)), a.normal(), b.normal(),
+                keys.bernoulli(0.5, (4,)), keys.randint(0, 3), keys.categorical(jnp.zeros((8, 5, 4))))
+
+    noise, every_other, a, b, coins, ints, picks = draws(jax.random.key(0))
     assert noise.shape == (8, 3)
-    every_other = ExampleKeys(keys.keys[1::2])
-    np.testing.assert_array_equal(every_other.normal((3,)), noise[1::2])  # a micro-batch draws the same noise
-    a, b = keys.split(2)
-    assert not np.allclose(a.normal(), b.normal())
-    assert keys.bernoulli(0.5, (4,)).dtype == jnp.bool_ and keys.randint(0, 3).shape == (8,)
-    assert keys.categorical(jnp.zeros((8, 5, 4))).shape == (8, 5)
+    np.testing.assert_array_equal(every_other, noise[1::2])  # a micro-batch draws the same noise
+    assert not np.allclose(a, b)
+    assert coins.dtype == jnp.bool_ and ints.shape == (8,) and picks.shape == (8, 5)
+    keys = ExampleKeys.of(jax.random.key(0), 8)
     assert ExampleKeys.of(keys, 8) is keys and ExampleKeys.of(jax.random.PRNGKey(0), 8).keys.shape == (8,)
     with pytest.raises(ValueError, match="8 example keys"):
         ExampleKeys.of(keys, 4)
