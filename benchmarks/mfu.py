@@ -40,16 +40,18 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def model_config(size: dict, remat: str):
-    from workshop_dist.models import ModelConfiguration
+def model_config(size: dict, remat: str, dtype: str = "float32"):
+    from workshop_dist.models import DataSpec, ModelConfiguration
 
     return ModelConfiguration(
         model_class="dit",
         input_dim=size["image"],
         remat=remat,
+        dtype=dtype,
+        data=DataSpec(num_levels=256),
         parameters={
             "patch_size": 2, "hidden_size": size["hidden_size"], "depth": size["depth"], "num_heads": size["num_heads"],
-            "prediction": "eps", "loss": "simple", "num_levels": 256, "num_classes": 1000,
+            "prediction": "eps", "loss": "simple", "num_classes": 1000,
         },
     )
 
@@ -106,10 +108,10 @@ def trainer_loop(args, size, steps, data, mesh, mesh_config):
 
     config = TrainingConfiguration(
         batch_size=size["batch"], num_epochs=10**6, log_frequency=10**6, num_samples=0,
-        precision=args.precision, data_on_device=True, max_steps_in_flight=IN_FLIGHT,
+        data_on_device=True, max_steps_in_flight=IN_FLIGHT,
         optimizer={"optimizer_type": "adam", "learning_rate": 1e-4},
     )
-    trainer = Trainer(model_config(size, args.remat), config, data, None, workdir=None,
+    trainer = Trainer(model_config(size, args.remat, args.precision), config, data, None, workdir=None,
                       logger=Logger(None, level=logging.WARNING), mesh=mesh, mesh_config=mesh_config)
 
     def run_epoch() -> None:
@@ -129,7 +131,7 @@ def bare_loop(args, size, steps, data, mesh, mesh_config, trainer):
     from workshop_dist import parallel
     from workshop_dist.models import create_model
 
-    model = create_model(model_config(size, args.remat), rngs=nnx.Rngs(1))
+    model = create_model(model_config(size, args.remat, args.precision), rngs=nnx.Rngs(1))  # bf16 layers
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     rest = nnx.to_pure_dict(rest)
     shardings = trainer.engine.state_shardings.params
@@ -139,17 +141,10 @@ def bare_loop(args, size, steps, data, mesh, mesh_config, trainer):
     opt_shardings = parallel.optimizer_state_shardings(tx, jax.eval_shape(tx.init, params), shardings, replicated)
     state = (params, jax.jit(tx.init, out_shardings=opt_shardings)(params))
     on_device = parallel.place(data, replicated)
-    dtype = jnp.bfloat16 if args.precision == "bfloat16" else None
     batch_sharding = parallel.batch_sharding(mesh)
 
     def loss_fn(params, batch, rng):
-        if dtype is not None:
-            params = jax.tree.map(lambda p: p.astype(dtype), params)
-        model = nnx.merge(graphdef, params, rest)
-        if dtype is not None:
-            for _, node in nnx.iter_graph(model):
-                if isinstance(node, nnx.Module) and hasattr(node, "dtype") and hasattr(node, "param_dtype"):
-                    node.dtype = dtype
+        model = nnx.merge(graphdef, params, rest)  # computes in the dtype it was built with
         loss, _ = model.loss(batch, rng)
         return loss.astype(jnp.float32)
 

@@ -60,8 +60,8 @@ def on_target(args: argparse.Namespace) -> None:
     print(f"{'model.remat':34s} {'arguments':>12s} {'temporaries':>12s} {'total':>12s} {'GFLOP/chip':>11s}")
     for policy in POLICIES:
         config = ExperimentConfiguration(
-            model=base.model_copy(update={"remat": policy}),
-            training=TrainingConfiguration(batch_size=args.batch, precision=args.precision),
+            model=base.model_copy(update={"remat": policy, "dtype": args.precision}),
+            training=TrainingConfiguration(batch_size=args.batch),
             data=data,
         )
         report = aot.compile_for_target(config, args.target)
@@ -84,13 +84,13 @@ def main() -> None:
     mesh_config = parallel.MeshConfiguration(data=-1)
     mesh = parallel.make_mesh(mesh_config)
     base = dit_config(args.size)
-    training = TrainingConfiguration(batch_size=args.batch, precision=args.precision)
+    training = TrainingConfiguration(batch_size=args.batch)
     mib = 2**20
     print(f"DiT ({args.size}) {tuple(base.input_dim)}, batch {args.batch}, {args.precision}, "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     print(f"{'model.remat':34s} {'arguments':>12s} {'temporaries':>12s} {'total':>12s} {'GFLOP/step':>11s}")
     for policy in POLICIES:
-        engine = Engine(base.model_copy(update={"remat": policy}), training, mesh, mesh_config, 1, abstract=True)
+        engine = Engine(base.model_copy(update={"remat": policy, "dtype": args.precision}), training, mesh, mesh_config, 1, abstract=True)
         batch = {"image": jax.ShapeDtypeStruct((args.batch, *base.input_dim), jax.numpy.float32, sharding=engine.batch_sharding),
                  "label": jax.ShapeDtypeStruct((args.batch,), jax.numpy.int32, sharding=engine.batch_sharding)}
         engine.build(batch)

@@ -91,3 +91,25 @@ class LabelModel(GenerativeModel):
     def sample(self, rng, num_samples, *, labels=None, guidance_scale=0.0, **options):
         fill = jnp.zeros(num_samples) if labels is None else labels.astype(jnp.float32)
         return jnp.broadcast_to((fill + guidance_scale)[:, None, None, None], (num_samples, 2, 2, 1))
+
+
+class RngsLossOnlyModel(nnx.Module):
+    """The older contract as outside libraries write it: only ``loss`` and ``sample``, its own ``nnx.Rngs``
+    and an ``nnx.Dropout`` (no GenerativeModel base, no example_losses)."""
+
+    def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
+        self.dense = layers.dense(64, 16, ("embed", "mlp"), rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+        self.out = layers.dense(16, 64, ("mlp", "embed"), rngs=rngs)
+        self.rngs = rngs
+
+    def reconstruct(self, x):
+        return self.out(self.dropout(nnx.relu(self.dense(x.reshape(x.shape[0], -1)))))
+
+    def loss(self, batch, rng):
+        x = batch["image"].reshape(batch["image"].shape[0], -1).astype(jnp.float32)
+        error = ((self.reconstruct(x) - x) ** 2).sum(-1)
+        return error.mean(), {"max_error": error.max()}
+
+    def sample(self, rng, num_samples):
+        return jax.random.uniform(self.rngs.noise(), (num_samples, 64))

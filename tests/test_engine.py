@@ -121,9 +121,8 @@ def test_parameter_groups_need_one_optimizer_each():
 def test_bfloat16_keeps_float32_master_params_and_matches_float32_quality():
     results = {}
     for precision in ("float32", "bfloat16"):
-        vae = create_model(ModelConfiguration(), rngs=nnx.Rngs(0))  # the default config's VAE
-        trainer = trainer_for(vae, batch_size=128, num_epochs=12, precision=precision,
-                              optimizer=OptimizerConfiguration(learning_rate=2e-3))
+        vae = create_model(ModelConfiguration(dtype=precision), rngs=nnx.Rngs(0))  # the default config's VAE
+        trainer = trainer_for(vae, batch_size=128, num_epochs=12, optimizer=OptimizerConfiguration(learning_rate=2e-3))
         trainer.fit()
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(trainer.state.params))
         results[precision] = trainer.evaluate(VAL)["loss"]
@@ -131,7 +130,7 @@ def test_bfloat16_keeps_float32_master_params_and_matches_float32_quality():
 
 
 def test_bfloat16_really_computes_in_bfloat16():
-    trainer = trainer_for(create_model(tiny_model_config(), rngs=nnx.Rngs(0)), precision="bfloat16")
+    trainer = trainer_for(create_model(tiny_model_config(dtype="bfloat16"), rngs=nnx.Rngs(0)))
     batch = {"image": jax.ShapeDtypeStruct((64, 8, 8, 1), jnp.float32, sharding=trainer.engine.batch_sharding)}
     assert "bf16" in trainer.lower_step(batch).as_text()
 
@@ -222,12 +221,18 @@ def test_deprecated_checkpoint_fields_still_work_with_a_message():
     assert config.checkpoint.max_to_keep == 2 and config.checkpoint.directory == "/tmp/x"
 
 
-def test_a_loss_only_model_still_trains_and_evaluates_exactly_with_a_warning():
+def test_a_loss_only_model_still_trains_and_evaluates_whole_batches_with_a_warning():
     with pytest.warns(UserWarning, match="example_losses"):
         trainer = trainer_for(create_model(ModelConfiguration(model_class="tests.helpers.LossOnlyModel"), rngs=0))
-    data = VAL[:100]
-    expected = float(((data - 0.25) ** 2).reshape(100, -1).sum(-1).mean())
-    assert trainer.evaluate(data, batch_size=64)["loss"] == pytest.approx(expected, rel=1e-5)  # 36 padded rows masked
+    per_example = ((VAL - 0.25) ** 2).reshape(len(VAL), -1).sum(-1)
+    # full batches: exact
+    assert trainer.evaluate(VAL[:128], batch_size=64)["loss"] == pytest.approx(per_example[:128].mean(), rel=1e-5)
+    # 100 examples in batches of 64: the last batch's 28 padding rows hold copies of its first 28 real rows
+    last = np.concatenate([per_example[64:100], per_example[64:92]]).mean()
+    expected = (64 * per_example[:64].mean() + 36 * last) / 100
+    result = trainer.evaluate(VAL[:100], batch_size=64)
+    assert result["loss"] == pytest.approx(expected, rel=1e-5) and result["num_examples"] == 100
+    assert result["squared_error"] == pytest.approx(expected, rel=1e-5)
     trainer.train_epoch()
     assert trainer.step > 0
 

@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from workshop_dist.models import ModelConfiguration, create_model
+from workshop_dist.models import DataSpec, ExampleKeys, ModelConfiguration, create_model
 from workshop_dist.models.flow import RealNVP
 from workshop_dist.models.pixelcnn import PixelCNN
 from workshop_dist.models.vae import VAE, discretized_logistic_log_prob
@@ -29,19 +29,22 @@ LEVELS = 3
 ALL_2X2 = jnp.asarray(list(itertools.product(range(LEVELS), repeat=4)), jnp.int32).reshape(-1, 2, 2, 1)
 
 
-def _pixelcnn(shape=(8, 8, 1), **params) -> PixelCNN:
+def _pixelcnn(shape=(8, 8, 1), num_levels=17, **params) -> PixelCNN:
     params = {"channels": 8, "num_layers": 3, "kernel_size": 3, "output_channels": 8, **params}
-    return create_model(ModelConfiguration(model_class="pixelcnn", input_dim=shape, parameters=params), rngs=0)
+    config = ModelConfiguration(model_class="pixelcnn", input_dim=shape, parameters=params, data=DataSpec(num_levels=num_levels))
+    return create_model(config, rngs=0)
 
 
-def _flow(shape=(8, 8, 1), **params) -> RealNVP:
+def _flow(shape=(8, 8, 1), num_levels=17, **params) -> RealNVP:
     params = {"channels": 8, "num_blocks": 1, "full_couplings": 2, "squeezed_couplings": 4, **params}
-    return create_model(ModelConfiguration(model_class="flow", input_dim=shape, parameters=params), rngs=0)
+    config = ModelConfiguration(model_class="flow", input_dim=shape, parameters=params, data=DataSpec(num_levels=num_levels))
+    return create_model(config, rngs=0)
 
 
-def _vae(model_class="vae", shape=(8, 8, 1), hidden=(16,), latent=4, **params) -> VAE:
+def _vae(model_class="vae", shape=(8, 8, 1), hidden=(16,), latent=4, num_levels=17, **params) -> VAE:
     config = ModelConfiguration(
-        model_class=model_class, input_dim=shape, hidden_dims=list(hidden), output_dim=latent, parameters=params
+        model_class=model_class, input_dim=shape, hidden_dims=list(hidden), output_dim=latent, parameters=params,
+        data=DataSpec(num_levels=num_levels),
     )
     return create_model(config, rngs=0)
 
@@ -163,7 +166,7 @@ def test_variational_dequantizer_density_matches_its_jacobian() -> None:
     x = jnp.asarray(np.random.default_rng(0).integers(0, 17, (1, 4, 4, 1)), jnp.float32)
     key = jax.random.key(3)
     u, log_q = model.dequantize(x, key)
-    eps = jax.random.normal(key, x.shape)
+    eps = ExampleKeys.of(key, 1).normal(x.shape[1:])  # each example's noise comes from its own key
     np.testing.assert_allclose(model.dequantize_noise(x, eps)[0], u)
 
     def g(flat_eps: jax.Array) -> jax.Array:

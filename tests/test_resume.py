@@ -116,7 +116,7 @@ ENGINE_OPTIONS = {
     "ema_accum_bf16_fast": [
         "training.ema_decay=0.99",
         "training.grad_accum_steps=2",
-        "training.precision=bfloat16",
+        "model.dtype=bfloat16",
         "training.steps_per_call=3",
         "training.data_on_device=true",
     ],

@@ -285,8 +285,8 @@ def compile_for_target(config: Any, target: Target | str) -> AotReport:
     stacked = {key: jax.ShapeDtypeStruct((1, *s.shape), s.dtype, sharding=engine.stacked_sharding) for key, s in batch.items()}
     state_bytes, batch_bytes = _bytes_per_chip(engine.state_shapes), _bytes_per_chip(batch)
     parameters = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(engine.state_shapes.params))
-    if training.precision != "bfloat16":
-        notes.append("note: training.precision=float32: TPU matmuls run slower in f32 than the bf16 peak assumed here.")
+    if "bfloat16" not in (training.precision, config.model.dtype):
+        notes.append("note: model.dtype=float32: TPU matmuls run slower in f32 than the bf16 peak assumed here.")
 
     start = time.perf_counter()
     try:

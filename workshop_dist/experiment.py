@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pydantic
 
 from workshop_dist.config import StrictConfig
@@ -9,6 +11,7 @@ from workshop_dist.data import DataConfiguration
 from workshop_dist.distributed import DistributedConfiguration
 from workshop_dist.logging_config import LoggingConfiguration
 from workshop_dist.models import ModelConfiguration
+from workshop_dist.models.config import DataSpec
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.training import TrainingConfiguration
 
@@ -22,6 +25,33 @@ class ExperimentConfiguration(StrictConfig):
     mesh: MeshConfiguration = pydantic.Field(default_factory=MeshConfiguration)
     distributed: DistributedConfiguration = pydantic.Field(default_factory=DistributedConfiguration)
     logging: LoggingConfiguration = pydantic.Field(default_factory=LoggingConfiguration)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _model_sees_the_data(cls, data: Any) -> Any:
+        """Fill ``model.data`` (levels and pixel range) from the ``data`` section: the one place they come from."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            source = DataConfiguration.model_validate(data.get("data") or {})
+        except pydantic.ValidationError:
+            return data  # reported by the field's own validation
+        derived = {"num_levels": source.num_levels, "normalize": source.normalize}
+        model = data.get("model") or {}
+        given = model.data.model_dump(exclude_unset=True) if isinstance(model, ModelConfiguration) else (
+            dict(model.get("data") or {}) if isinstance(model, dict) else {}
+        )
+        clash = {key: value for key, value in given.items() if derived.get(key, value) != value}
+        if clash:
+            raise ValueError(
+                f"model.data {clash} disagrees with the data section ({derived}); model.data is filled from "
+                "the data section: remove it"
+            )
+        if isinstance(model, ModelConfiguration):
+            model = model.model_copy(update={"data": DataSpec(**derived)})
+        elif isinstance(model, dict):
+            model = {**model, "data": derived}
+        return {**data, "model": model}
 
     @pydantic.model_validator(mode="after")
     def _batch_fits_mesh(self) -> ExperimentConfiguration:

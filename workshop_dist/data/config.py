@@ -83,6 +83,21 @@ class DataConfiguration(StrictConfig):
         "batches stay full and positions resumable) and counted in the log, instead of stopping the run.",
     )
 
+    @property
+    def num_levels(self) -> int:
+        """Distinct pixel values of the source: 2 when binarized, else ``max_level + 1`` (digits: 17; an
+        integer source without ``max_level`` is taken as 8-bit, 256: set max_level for other depths)."""
+        if self.binarize:
+            return 2
+        if self.max_level is not None:
+            return int(self.max_level) + 1
+        return 17 if self.source == "digits" else 256
+
+    @property
+    def max_value(self) -> float:
+        """A white pixel's value in batches: 1 for ``unit``, the top level for ``levels``."""
+        return 1.0 if self.normalize == "unit" else float(self.num_levels - 1)
+
     @pydantic.field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:

@@ -8,7 +8,8 @@ from workshop_dist.models import pixelcnn as pixelcnn  # registers 'pixelcnn'
 from workshop_dist.models import unet as unet  # registers 'ddpm_unet'
 from workshop_dist.models import vae
 from workshop_dist.models.base import GenerativeModel
-from workshop_dist.models.config import ModelConfiguration
+from workshop_dist.models.config import DataSpec, ModelConfiguration
+from workshop_dist.models.keys import ExampleKeys
 from workshop_dist.models.registry import (
     create_model,
     register_model,
@@ -20,6 +21,8 @@ from workshop_dist.models.vae import VAE, ConvVAE
 __all__ = [
     "VAE",
     "ConvVAE",
+    "DataSpec",
+    "ExampleKeys",
     "GenerativeModel",
     "ModelConfiguration",
     "create_model",

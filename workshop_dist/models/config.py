@@ -1,12 +1,36 @@
-"""Configuration of the model (the ``model`` section)."""
+"""Configuration of the model (the ``model`` section), and what the model knows of the data."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import pydantic
 
-from workshop_dist.config import StrictConfig
+from workshop_dist.config import ConfigError, StrictConfig
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+class DataSpec(StrictConfig):
+    """The data as the model sees it; :class:`~workshop_dist.experiment.ExperimentConfiguration` fills it
+    from the ``data`` section once (the defaults are the built-in digits')."""
+
+    num_levels: int = pydantic.Field(
+        17, ge=2, description="Distinct pixel values of the source, 0..num_levels-1 (digits: 17, 8-bit images: 256)."
+    )
+    normalize: Literal["unit", "levels"] | None = pydantic.Field(
+        None,
+        description="How batches hold pixels, as data.normalize: floats in [0, 1] ('unit') or the integer "
+        "levels 0..num_levels-1 ('levels'); null: not stated (each model assumes its usual form).",
+    )
+
+    @property
+    def max_value(self) -> float | None:
+        """The value of a white pixel in batches (None when ``normalize`` is not stated)."""
+        if self.normalize is None:
+            return None
+        return 1.0 if self.normalize == "unit" else float(self.num_levels - 1)
 
 
 class ModelConfiguration(StrictConfig):
@@ -22,10 +46,20 @@ class ModelConfiguration(StrictConfig):
     parameters: dict[str, Any] = pydantic.Field(
         default_factory=dict, description="Model-specific parameters, validated by the model class."
     )
-    param_dtype: Literal["float32", "bfloat16"] = pydantic.Field(
+    dtype: Dtype = pydantic.Field(
         "float32",
-        description="Storage dtype of the parameters (master weights). Keep float32 with "
-        "training.precision=bfloat16: compute runs in bf16, updates and checkpoints stay float32.",
+        description="Compute dtype of the layers (activations, matmuls), fixed when the model is built; "
+        "params, optimizer state, gradients and the loss stay float32 (see param_dtype).",
+    )
+    param_dtype: Dtype = pydantic.Field(
+        "float32",
+        description="Storage dtype of the parameters (master weights). Keep float32 with dtype=bfloat16: "
+        "compute runs in bf16, updates and checkpoints stay float32.",
+    )
+    data: DataSpec = pydantic.Field(
+        default_factory=DataSpec,
+        exclude=True,  # derived from the data section, never written back (a saved config re-derives it)
+        description="Filled from the experiment's data section; set it only when building a model by hand.",
     )
     remat: Literal["none", "full", "dots_saveable", "nothing_saveable", "dots_with_no_batch_dims_saveable"] = (
         pydantic.Field(
@@ -47,3 +81,56 @@ class ModelConfiguration(StrictConfig):
         if not value or any(dim <= 0 for dim in value):
             raise ValueError(f"must be a non-empty list of positive sizes, got {list(value)}")
         return value
+
+    def with_precision(self, precision: str | None) -> ModelConfiguration:
+        """This config with ``training.precision`` (the deprecated spelling of ``model.dtype``) resolved."""
+        if precision in (None, "float32") or precision == self.dtype:
+            if precision not in (None, "float32"):
+                _warn_precision()
+            return self
+        if "dtype" in self.model_fields_set:
+            raise ConfigError(
+                f"training.precision={precision} and model.dtype={self.dtype} disagree: set only model.dtype"
+            )
+        _warn_precision()
+        return self.model_copy(update={"dtype": precision})
+
+
+def _warn_precision() -> None:
+    warnings.warn(
+        "training.precision is deprecated and will be removed in the next release; set model.dtype "
+        "(the compute dtype the model is built with)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+class LevelsParameters(StrictConfig):
+    """Parameters of a family over integer pixel levels; the level count comes from ``model.data``."""
+
+    num_levels: int | None = pydantic.Field(
+        None, ge=2, description="Deprecated: the levels come from model.data.num_levels (the data section)."
+    )
+
+
+def data_levels(config: ModelConfiguration, parameters: LevelsParameters, family: str) -> int:
+    """The data's level count: ``model.data.num_levels`` (the deprecated ``parameters.num_levels`` still works)."""
+    spec = config.data
+    if spec.normalize == "unit":
+        raise ConfigError(
+            f"{family} models integer pixel levels, but the data is normalized to [0, 1]: set data.normalize: levels"
+        )
+    old = parameters.num_levels
+    if old is None:
+        return spec.num_levels
+    warnings.warn(
+        f"model.parameters.num_levels is deprecated and will be removed in the next release; {family} takes "
+        "the level count from the data section (model.data.num_levels)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if "num_levels" in spec.model_fields_set and spec.num_levels != old:
+        raise ConfigError(
+            f"model.parameters.num_levels={old} disagrees with the data's {spec.num_levels} levels: remove it"
+        )
+    return old

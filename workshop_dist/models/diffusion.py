@@ -31,16 +31,17 @@ import numpy as np
 import pydantic
 from flax import nnx
 
-from workshop_dist.config import StrictConfig
+from workshop_dist.models import layers
 from workshop_dist.models.base import GenerativeModel
-from workshop_dist.models.config import ModelConfiguration
+from workshop_dist.models.config import LevelsParameters, ModelConfiguration, data_levels
+from workshop_dist.models.keys import ExampleKeys
 from workshop_dist.models.registry import validate_parameters
 
 Schedule = Literal["linear", "cosine"]
 GAMMA_MAX = 15.0  # clips the cosine schedule's end (alpha = 0 there): the prior KL is ~1e-7 nats
 
 
-class DiffusionParameters(StrictConfig):
+class DiffusionParameters(LevelsParameters):
     """Objective, noise schedule, conditioning and sampling options (networks add their sizes)."""
 
     schedule: Schedule = pydantic.Field("cosine", description="Noise schedule: linear (DDPM) or cosine.")
@@ -51,7 +52,6 @@ class DiffusionParameters(StrictConfig):
     loss: Literal["simple", "vlb"] = pydantic.Field(
         "vlb", description="simple: MSE of eps/v (cross-entropy for levels); vlb: the bound in nats."
     )
-    num_levels: int = pydantic.Field(17, ge=2, description="Grey levels of the data (integers 0..num_levels-1).")
     num_classes: int | None = pydantic.Field(None, ge=0, description="Classes to condition on (0/null: none).")
     label_dropout: float = pydantic.Field(0.1, ge=0, le=1, description="Training labels replaced by 'null'.")
     guidance_scale: float = pydantic.Field(1.0, description="CFG default: 0 unconditional, 1 conditional.")
@@ -88,19 +88,6 @@ def from_v(z: jax.Array, v: jax.Array, alpha: jax.Array, sigma: jax.Array) -> tu
     return alpha * z - sigma * v, sigma * z + alpha * v
 
 
-def dense(
-    in_features: int, out_features: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
-    zero: bool = False, param_dtype: Any = jnp.float32,
-) -> nnx.Linear:
-    """Linear layer with logical axes; ``zero`` initialises it to output 0 (adaLN-Zero, output heads)."""
-    init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
-    return nnx.Linear(
-        in_features, out_features, param_dtype=param_dtype, rngs=rngs,
-        kernel_init=nnx.with_partitioning(init, axes, eager_sharding=False),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],), eager_sharding=False),
-    )
-
-
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
     """Sinusoidal features of ``1000 * t`` (t in [0, 1]), as in DDPM/DiT."""
     half = dim // 2
@@ -124,14 +111,15 @@ class DiffusionModel(GenerativeModel):
     """
 
     Parameters = DiffusionParameters
+    per_example_keys = True
 
     def __init__(self, config: ModelConfiguration):
         self.hp = validate_parameters(type(self), config)
         self.image_shape = tuple(config.input_dim)
         self.channels = self.image_shape[-1]
         self.num_classes = self.hp.num_classes or 0
-        self.out_features = self.channels * (self.hp.num_levels if self.hp.prediction == "levels" else 1)
-        self.param_dtype = jnp.dtype(config.param_dtype)
+        self.num_levels = data_levels(config, self.hp, config.model_class)
+        self.out_features = self.channels * (self.num_levels if self.hp.prediction == "levels" else 1)
         self.remat = config.remat
         self.deterministic = False  # set by model.train() / model.eval(): label dropout only in training
         # on the host: concrete even when the model is built abstractly or inside a jitted init
@@ -144,11 +132,11 @@ class DiffusionModel(GenerativeModel):
 
     def to_unit(self, levels: jax.Array) -> jax.Array:
         """Integer levels 0..L-1 -> [-1, 1]."""
-        return levels.astype(jnp.float32) * (2.0 / (self.hp.num_levels - 1)) - 1.0
+        return levels.astype(jnp.float32) * (2.0 / (self.num_levels - 1)) - 1.0
 
     def to_levels(self, x: jax.Array) -> jax.Array:
         """[-1, 1] -> nearest level as float 0..L-1 (data space)."""
-        return jnp.clip(jnp.round((x + 1.0) * (self.hp.num_levels - 1) / 2.0), 0, self.hp.num_levels - 1)
+        return jnp.clip(jnp.round((x + 1.0) * (self.num_levels - 1) / 2.0), 0, self.num_levels - 1)
 
     # --- the denoiser ----------------------------------------------------------------------------
     def denoise(self, z: jax.Array, gamma: jax.Array, labels: jax.Array | None) -> dict[str, jax.Array]:
@@ -162,21 +150,20 @@ class DiffusionModel(GenerativeModel):
         if self.hp.prediction == "v":
             x, eps = from_v(z, out, alpha, sigma)
             return {"x": x, "eps": eps, "out": out}
-        values = jnp.linspace(-1.0, 1.0, self.hp.num_levels)
+        values = jnp.linspace(-1.0, 1.0, self.num_levels)
         local = -0.5 * (z[..., None] - alpha[..., None] * values) ** 2 / sigma[..., None] ** 2
-        logits = out.reshape(*z.shape, self.hp.num_levels) + local
+        logits = out.reshape(*z.shape, self.num_levels) + local
         x = jax.nn.softmax(logits, axis=-1) @ values
         return {"x": x, "eps": (z - alpha * x) / sigma, "logits": logits, "out": out}
 
-    def _labels(self, batch: dict[str, jax.Array], rng: jax.Array, *, drop: bool) -> jax.Array | None:
+    def _labels(self, batch: dict[str, jax.Array], keys: ExampleKeys, *, drop: bool) -> jax.Array | None:
         if not self.num_classes:
             return None
         if "label" not in batch:
             return jnp.full(batch["image"].shape[:1], self.num_classes, jnp.int32)
         labels = batch["label"].astype(jnp.int32)
         if drop and self.hp.label_dropout > 0:
-            dropped = jax.random.bernoulli(rng, self.hp.label_dropout, labels.shape)
-            labels = jnp.where(dropped, self.num_classes, labels)
+            labels = jnp.where(keys.bernoulli(self.hp.label_dropout), self.num_classes, labels)
         return labels
 
     # --- the bound's closed-form terms ---------------------------------------------------------
@@ -186,35 +173,38 @@ class DiffusionModel(GenerativeModel):
         kl = 0.5 * (sigma**2 + alpha**2 * x**2 - 1.0 - 2.0 * jnp.log(sigma))
         return kl.reshape(x.shape[0], -1).sum(-1)
 
-    def reconstruction(self, x: jax.Array, rng: jax.Array) -> jax.Array:
-        """-log p(x | z_0) with VDM's discrete decoder over the levels (one sample of z_0)."""
+    def reconstruction(self, x: jax.Array, rng: jax.Array | ExampleKeys) -> jax.Array:
+        """-log p(x | z_0) with VDM's discrete decoder over the levels (one sample of z_0 per example)."""
         gamma0 = jnp.float32(self.gamma_ends[0])
         alpha, sigma = alpha_sigma(gamma0)
-        z0 = alpha * x + sigma * jax.random.normal(rng, x.shape)
-        values = jnp.linspace(-1.0, 1.0, self.hp.num_levels)
+        z0 = alpha * x + sigma * ExampleKeys.of(rng, x.shape[0]).normal(x.shape[1:])
+        values = jnp.linspace(-1.0, 1.0, self.num_levels)
         logits = -0.5 * (z0[..., None] / alpha - values) ** 2 * jnp.exp(-gamma0)
-        index = jnp.round((x + 1.0) * (self.hp.num_levels - 1) / 2.0).astype(jnp.int32)
+        index = jnp.round((x + 1.0) * (self.num_levels - 1) / 2.0).astype(jnp.int32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), index[..., None], -1)[..., 0]
         return -logp.reshape(x.shape[0], -1).sum(-1)
 
     # --- the contract ----------------------------------------------------------------------------
     def example_losses(
-        self, batch: dict[str, jax.Array], rng: jax.Array, *, step: jax.Array | None = None, group: str | None = None
+        self, batch: dict[str, jax.Array], rng: jax.Array | ExampleKeys, *, step: jax.Array | None = None,
+        group: str | None = None,
     ) -> dict[str, jax.Array]:
-        """Per-example training loss, a one-sample estimate of the bound (``vlb``) and its terms."""
+        """Per-example training loss, a one-sample estimate of the bound (``vlb``) and its terms.
+
+        Each example's time, noise, label dropout and decoder noise come from its own key.
+        """
+        layers.check_images(batch["image"], self.image_shape)
         x = self.to_unit(batch["image"])
-        if x.shape[1:] != self.image_shape:
-            raise ValueError(f"batch images have shape {x.shape[1:]}, the model expects {self.image_shape}")
-        k_t, k_eps, k_drop, k_rec = jax.random.split(rng, 4)
+        batch_size = x.shape[0]
+        k_t, k_eps, k_drop, k_rec = ExampleKeys.of(rng, batch_size).split(4)
         labels = self._labels(batch, k_drop, drop=not self.deterministic)
         g0, g1 = self.gamma_ends
-        batch_size = x.shape[0]
-        u = jax.random.uniform(k_t, (batch_size,))
+        u = k_t.uniform()
         if self.hp.loss == "vlb":  # uniform in log-SNR: importance weight g1 - g0
             gamma, weight = g0 + u * (g1 - g0), jnp.full((batch_size,), g1 - g0)
         else:  # uniform in schedule time: weight d gamma / dt
             gamma, weight = self.gamma(u), jax.vmap(jax.grad(self.gamma))(u)
-        eps = jax.random.normal(k_eps, x.shape)
+        eps = k_eps.normal(x.shape[1:])
         shape = (-1,) + (1,) * (x.ndim - 1)
         alpha, sigma = (a.reshape(shape) for a in alpha_sigma(gamma))
         z = alpha * x + sigma * eps
@@ -226,7 +216,7 @@ class DiffusionModel(GenerativeModel):
         if self.hp.loss == "vlb":
             loss = vlb
         elif self.hp.prediction == "levels":
-            index = jnp.round((x + 1.0) * (self.hp.num_levels - 1) / 2.0).astype(jnp.int32)
+            index = jnp.round((x + 1.0) * (self.num_levels - 1) / 2.0).astype(jnp.int32)
             logp = jnp.take_along_axis(jax.nn.log_softmax(pred["logits"], -1), index[..., None], -1)
             loss = -per_dim(logp).mean(-1)
         else:

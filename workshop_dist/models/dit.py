@@ -18,14 +18,15 @@ import pydantic
 from flax import nnx
 
 from workshop_dist.config import ConfigError
+from workshop_dist.models import layers
 from workshop_dist.models.config import ModelConfiguration
 from workshop_dist.models.diffusion import (
     DiffusionModel,
     DiffusionParameters,
-    dense,
     remat_policy,
     timestep_embedding,
 )
+from workshop_dist.models.layers import dense, layer_norm
 from workshop_dist.models.registry import register_model
 
 
@@ -37,11 +38,6 @@ class DiTParameters(DiffusionParameters):
     depth: int = pydantic.Field(4, ge=1, description="Transformer blocks.")
     num_heads: int = pydantic.Field(4, ge=1, description="Attention heads.")
     mlp_ratio: float = pydantic.Field(4.0, gt=0, description="MLP width / token width.")
-
-
-def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm without affine parameters: adaLN supplies shift and scale."""
-    return nnx.LayerNorm(dim, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -64,12 +60,12 @@ def sincos_positions(grid: int, dim: int) -> np.ndarray:
 class DiTBlock(nnx.Module):
     """Pre-norm attention + MLP; adaLN-Zero: shift/scale/gate from the condition, gates start at 0."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, param_dtype: Any):
-        kw = {"rngs": rngs, "param_dtype": param_dtype}
+    def __init__(self, dim: int, heads: int, mlp_dim: int, **kw: Any):
         self.heads = heads
-        self.norm1, self.norm2 = layer_norm(dim, rngs=rngs), layer_norm(dim, rngs=rngs)
+        self.norm1, self.norm2 = layer_norm(dim, **kw), layer_norm(dim, **kw)
         self.query = dense(dim, dim, ("embed", "heads"), **kw)
-        self.key = dense(dim, dim, ("embed", "heads"), **kw)
+        # no bias on the keys: softmax is invariant to it, so its gradient is exactly zero
+        self.key = dense(dim, dim, ("embed", "heads"), use_bias=False, **kw)
         self.value = dense(dim, dim, ("embed", "heads"), **kw)
         self.attn_out = dense(dim, dim, ("heads", "embed"), **kw)
         self.mlp_in = dense(dim, mlp_dim, ("embed", "mlp"), **kw)
@@ -91,8 +87,7 @@ class DiT(nnx.Module):
     """``(z, t, labels) -> out``: the denoising transformer."""
 
     def __init__(self, hp: DiTParameters, image_shape: tuple[int, ...], out_features: int, num_classes: int,
-                 remat: str, *, rngs: nnx.Rngs, param_dtype: Any):
-        kw = {"rngs": rngs, "param_dtype": param_dtype}
+                 remat: str, **kw: Any):
         height, width, channels = image_shape
         patch, dim = hp.patch_size, hp.hidden_size
         if height % patch or width % patch or height != width:
@@ -103,10 +98,10 @@ class DiT(nnx.Module):
         self.freq_dim = 256
         self.patch_embed = dense(patch * patch * channels, dim, (None, "embed"), **kw)
         self.time = nnx.List([dense(self.freq_dim, dim, (None, "embed"), **kw), dense(dim, dim, ("embed", None), **kw)])
-        self.classes = nnx.Embed(num_classes + 1, dim, param_dtype=param_dtype, rngs=rngs) if num_classes else None
+        self.classes = layers.embed(num_classes + 1, dim, **kw) if num_classes else None
         mlp_dim = int(dim * hp.mlp_ratio)
         self.blocks = nnx.List([DiTBlock(dim, hp.num_heads, mlp_dim, **kw) for _ in range(hp.depth)])
-        self.final_norm = layer_norm(dim, rngs=rngs)
+        self.final_norm = layer_norm(dim, **kw)
         self.final_modulation = dense(dim, 2 * dim, ("embed", "mlp"), zero=True, **kw)
         self.final = dense(dim, patch * patch * out_features, ("embed", None), zero=True, **kw)
 
@@ -138,6 +133,5 @@ class DiTModel(DiffusionModel):
         if len(self.image_shape) != 3:
             raise ConfigError(f"dit needs input_dim (H, W, C), got {self.image_shape}")
         self.network = DiT(
-            self.hp, self.image_shape, self.out_features, self.num_classes, self.remat,
-            rngs=rngs, param_dtype=self.param_dtype,
+            self.hp, self.image_shape, self.out_features, self.num_classes, self.remat, rngs=rngs, **layers.dtypes(config)
         )

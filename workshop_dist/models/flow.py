@@ -23,15 +23,15 @@ import numpy as np
 import pydantic
 from flax import nnx
 
-from workshop_dist.config import ConfigError, StrictConfig
+from workshop_dist.config import ConfigError
 from workshop_dist.models import layers
 from workshop_dist.models.base import GenerativeModel
-from workshop_dist.models.config import ModelConfiguration
+from workshop_dist.models.config import LevelsParameters, ModelConfiguration, data_levels
+from workshop_dist.models.keys import ExampleKeys
 from workshop_dist.models.registry import register_model, validate_parameters
 
 
-class FlowParameters(StrictConfig):
-    num_levels: int = pydantic.Field(17, ge=2, description="Pixel values 0..num_levels-1 (17 for digits).")
+class FlowParameters(LevelsParameters):
     network: Literal["conv", "mlp"] = pydantic.Field(
         "conv", description="Coupling networks: conv ResNets, or MLPs on the flattened image (faster on CPU)."
     )
@@ -91,40 +91,38 @@ class Coupling(nnx.Module):
         num_blocks: int,
         cond_channels: int = 0,
         network: str = "conv",
-        *,
-        rngs: nnx.Rngs,
+        **kw: Any,
     ):
         self.kind = kind
         self.shape = shape
         self.network = network
         features = shape[2]
         if network == "conv":
-            self.stem = layers.conv(2 * features + cond_channels, channels, rngs=rngs)
+            self.stem = layers.conv(2 * features + cond_channels, channels, **kw)
             self.blocks = nnx.List(
-                [
-                    nnx.List([layers.conv(channels, channels, rngs=rngs), layers.conv(channels, channels, rngs=rngs)])
-                    for _ in range(num_blocks)
-                ]
+                [nnx.List([layers.conv(channels, channels, **kw), layers.conv(channels, channels, **kw)])
+                 for _ in range(num_blocks)]
             )
-            self.out = layers.conv(channels, 2 * features, rngs=rngs)
+            self.out = layers.conv(channels, 2 * features, zero=True, **kw)  # the flow starts as the identity
         else:
             size = math.prod(shape)
-            self.stem = layers.dense(2 * size + cond_channels * size // features, channels, ("embed", "mlp"), rngs=rngs)
+            self.stem = layers.dense(2 * size + cond_channels * size // features, channels, ("embed", "mlp"), **kw)
             self.blocks = nnx.List(
                 [
                     nnx.List(
                         [
-                            layers.dense(channels, channels, ("mlp", "embed"), rngs=rngs),
-                            layers.dense(channels, channels, ("embed", "mlp"), rngs=rngs),
+                            layers.dense(channels, channels, ("mlp", "embed"), **kw),
+                            layers.dense(channels, channels, ("embed", "mlp"), **kw),
                         ]
                     )
                     for _ in range(num_blocks)
                 ]
             )
-            self.out = layers.dense(channels, 2 * size, ("mlp", "embed"), rngs=rngs)
-        self.out.kernel[...] = jnp.zeros_like(self.out.kernel[...])
-        scale_init = nnx.with_partitioning(nnx.initializers.ones_init(), ("conv_out",), eager_sharding=False)
-        self.scale = nnx.Param(scale_init(rngs.params(), (features,), jnp.float32))
+            self.out = layers.dense(channels, 2 * size, ("mlp", "embed"), zero=True, **kw)
+        self.scale = layers.param(
+            (features,), ("conv_out",), rngs=kw["rngs"], init=nnx.initializers.ones_init(),
+            param_dtype=kw.get("param_dtype", jnp.float32),
+        )
 
     def _shift_scale(self, z: jax.Array, mask: jax.Array, cond: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         inputs = [z * mask, jnp.broadcast_to(mask, z.shape)]
@@ -160,6 +158,7 @@ class RealNVP(GenerativeModel):
     """
 
     Parameters = FlowParameters
+    per_example_keys = True
 
     def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
         self.params_config: FlowParameters = validate_parameters(type(self), config)
@@ -167,31 +166,31 @@ class RealNVP(GenerativeModel):
         self.image_shape = tuple(config.input_dim)
         if len(self.image_shape) != 3 or self.image_shape[0] % 2 or self.image_shape[1] % 2:
             raise ConfigError(f"flow needs input_dim (H, W, C) with even H and W, got {self.image_shape}")
+        self.num_levels = data_levels(config, p, "flow")
+        kw = {"rngs": rngs, **layers.dtypes(config)}
         height, width, chans = self.image_shape
         full = (height, width, chans)
         small = (height // 2, width // 2, 4 * chans)
         small_kinds = ["board_0", "board_1", "channel_0", "channel_1"]
         self.full = nnx.List(
             [
-                Coupling(f"board_{i % 2}", full, p.channels, p.num_blocks, network=p.network, rngs=rngs)
+                Coupling(f"board_{i % 2}", full, p.channels, p.num_blocks, network=p.network, **kw)
                 for i in range(p.full_couplings)
             ]
         )
         self.squeezed = nnx.List(
             [
-                Coupling(small_kinds[i % 4], small, p.channels, p.num_blocks, network=p.network, rngs=rngs)
+                Coupling(small_kinds[i % 4], small, p.channels, p.num_blocks, network=p.network, **kw)
                 for i in range(p.squeezed_couplings)
             ]
         )
         if p.dequantization == "variational":
             hidden = p.dequant_channels
-            self.dequant_net = nnx.List(
-                [layers.conv(chans, hidden, rngs=rngs), layers.conv(hidden, hidden, rngs=rngs)]
-            )
-            self.dequant_affine = layers.conv(hidden, 2 * chans, rngs=rngs)
+            self.dequant_net = nnx.List([layers.conv(chans, hidden, **kw), layers.conv(hidden, hidden, **kw)])
+            self.dequant_affine = layers.conv(hidden, 2 * chans, **kw)
             self.dequant = nnx.List(
                 [
-                    Coupling(f"board_{i % 2}", full, hidden, 1, cond_channels=hidden, rngs=rngs)
+                    Coupling(f"board_{i % 2}", full, hidden, 1, cond_channels=hidden, **kw)
                     for i in range(p.dequant_couplings)
                 ]
             )
@@ -203,10 +202,10 @@ class RealNVP(GenerativeModel):
     def forward(self, v: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Level-space ``v`` in (0, L)^D -> ``(z, log|det dz/dv|)`` per example."""
         p = self.params_config
-        y = v / p.num_levels
+        y = v / self.num_levels
         s = p.alpha + (1 - 2 * p.alpha) * y
         z = jnp.log(s) - jnp.log1p(-s)
-        log_det = (math.log(1 - 2 * p.alpha) - math.log(p.num_levels) - jnp.log(s) - jnp.log1p(-s))
+        log_det = (math.log(1 - 2 * p.alpha) - math.log(self.num_levels) - jnp.log(s) - jnp.log1p(-s))
         log_det = log_det.reshape(v.shape[0], -1).sum(-1)
         for layer in self.full:
             z, ld = layer(z)
@@ -227,7 +226,7 @@ class RealNVP(GenerativeModel):
         for layer in reversed(self.full):
             z = layer.inverse(z)
         y = (jax.nn.sigmoid(z) - p.alpha) / (1 - 2 * p.alpha)
-        return y * p.num_levels
+        return y * self.num_levels
 
     def log_density(self, v: jax.Array) -> jax.Array:
         """``log p_V(v)``: the flow's density over continuous level space, per example."""
@@ -235,15 +234,17 @@ class RealNVP(GenerativeModel):
         log_normal = -0.5 * (z**2 + math.log(2 * math.pi))
         return log_normal.reshape(v.shape[0], -1).sum(-1) + log_det
 
-    def dequantize(self, x: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Noise ``u`` in (0, 1)^D for levels ``x`` and ``log q(u | x)`` per example (0 when uniform)."""
+    def dequantize(self, x: jax.Array, rng: jax.Array | ExampleKeys) -> tuple[jax.Array, jax.Array]:
+        """Noise ``u`` in (0, 1)^D for levels ``x`` and ``log q(u | x)`` per example (0 when uniform);
+        each example's noise comes from its own key."""
+        keys = ExampleKeys.of(rng, x.shape[0])
         if self.params_config.dequantization == "uniform":
-            return jax.random.uniform(rng, x.shape, minval=0.0, maxval=1.0), jnp.zeros(x.shape[0])
-        return self.dequantize_noise(x, jax.random.normal(rng, x.shape))
+            return keys.uniform(x.shape[1:]), jnp.zeros(x.shape[0])
+        return self.dequantize_noise(x, keys.normal(x.shape[1:]))
 
     def dequantize_noise(self, x: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Variational dequantisation as a map of Gaussian noise: ``u = sigmoid(g(eps; x))``, ``log q(u | x)``."""
-        cond = 2.0 * x / (self.params_config.num_levels - 1) - 1.0
+        cond = 2.0 * x / (self.num_levels - 1) - 1.0
         for layer in self.dequant_net:
             cond = nnx.relu(layer(cond))
         mean, log_scale = jnp.split(self.dequant_affine(cond), 2, axis=-1)
@@ -257,19 +258,19 @@ class RealNVP(GenerativeModel):
         log_q = log_q - (jax.nn.log_sigmoid(h) + jax.nn.log_sigmoid(-h)).reshape(x.shape[0], -1).sum(-1)
         return jax.nn.sigmoid(h), log_q
 
-    def log_prob_bound(self, x: jax.Array, rng: jax.Array) -> jax.Array:
+    def log_prob_bound(self, x: jax.Array, rng: jax.Array | ExampleKeys) -> jax.Array:
         """One-sample ``log p_V(x + u) - log q(u | x)``: its mean is <= ``log P(x)`` (nats)."""
         u, log_q = self.dequantize(x, rng)
         return self.log_density(x + u) - log_q
 
     def _levels(self, batch: dict[str, jax.Array]) -> jax.Array:
         x = batch["image"]
-        if x.shape[1:] != self.image_shape:
-            raise ValueError(f"batch images have shape {x.shape[1:]}, the model expects {self.image_shape}")
-        return jnp.clip(jnp.round(x.astype(jnp.float32)), 0, self.params_config.num_levels - 1)
+        layers.check_images(x, self.image_shape)
+        return jnp.clip(jnp.round(x.astype(jnp.float32)), 0, self.num_levels - 1)
 
     def example_losses(
-        self, batch: dict[str, jax.Array], rng: jax.Array, *, step: jax.Array | None = None, group: str | None = None
+        self, batch: dict[str, jax.Array], rng: jax.Array | ExampleKeys, *, step: jax.Array | None = None,
+        group: str | None = None,
     ) -> dict[str, jax.Array]:
         """Per-example dequantisation bound on the discrete NLL (nats per image), and bits/dim."""
         loss = -self.log_prob_bound(self._levels(batch), rng)
@@ -293,4 +294,4 @@ class RealNVP(GenerativeModel):
         """
         z = options.get("temperature", 1.0) * jax.random.normal(rng, (num_samples, *self.image_shape))
         v = self.inverse(z)
-        return jnp.clip(jnp.floor(v), 0, self.params_config.num_levels - 1)
+        return jnp.clip(jnp.floor(v), 0, self.num_levels - 1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Any, Literal
 
 import jax
@@ -40,9 +41,8 @@ from workshop_dist.config import ConfigError, StrictConfig
 from workshop_dist.models import layers
 from workshop_dist.models.base import GenerativeModel
 from workshop_dist.models.config import ModelConfiguration
+from workshop_dist.models.keys import ExampleKeys
 from workshop_dist.models.registry import register_model, validate_parameters
-
-CONV_AXES = ("spatial", "spatial", "conv_in", "conv_out")
 
 
 class GANParameters(StrictConfig):
@@ -51,8 +51,8 @@ class GANParameters(StrictConfig):
     )
     d_steps: int = pydantic.Field(1, ge=1, description="Discriminator updates per generator update.")
     num_classes: int = pydantic.Field(0, ge=0, description="Classes to condition on (0: unconditional).")
-    data_max: float = pydantic.Field(
-        1.0, gt=0, description="A white pixel in data space: 1 for data.normalize=unit, 16 for digits levels."
+    data_max: float | None = pydantic.Field(
+        None, gt=0, description="Deprecated: a white pixel's value comes from the data section (model.data)."
     )
     r1_gamma: float = pydantic.Field(
         0.0, ge=0, description="Weight of the R1 penalty on real images (0: off)."
@@ -60,36 +60,6 @@ class GANParameters(StrictConfig):
     leak: float = pydantic.Field(
         0.2, ge=0, lt=1, description="Negative slope of the discriminator's LeakyReLU."
     )
-
-
-def _named(init: Any, axes: tuple[str | None, ...]) -> Any:
-    return nnx.with_partitioning(init, axes, eager_sharding=False)
-
-
-def _conv(
-    c_in: int, c_out: int, kernel: int, strides: int, dtype: Any, rngs: nnx.Rngs, *, transpose: bool = False
-):
-    layer = nnx.ConvTranspose if transpose else nnx.Conv
-    return layer(
-        c_in,
-        c_out,
-        kernel_size=(kernel, kernel),
-        strides=(strides, strides),
-        padding="SAME",
-        kernel_init=_named(nnx.initializers.lecun_normal(), CONV_AXES),
-        bias_init=_named(nnx.initializers.zeros_init(), ("conv_out",)),
-        param_dtype=dtype,
-        rngs=rngs,
-    )
-
-
-def _dense(d_in: int, d_out: int, axes: tuple[str, str], dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-    return layers.dense(d_in, d_out, axes, rngs=rngs, param_dtype=dtype)
-
-
-def _embed(num: int, dim: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Embed:
-    init = _named(nnx.initializers.normal(1.0 / math.sqrt(dim)), ("vocab", "embed"))
-    return nnx.Embed(num, dim, embedding_init=init, param_dtype=dtype, rngs=rngs)
 
 
 class Generator(nnx.Module):
@@ -101,21 +71,23 @@ class Generator(nnx.Module):
         widths: list[int],
         latent_dim: int,
         p: GANParameters,
-        dtype: Any,
-        rngs: nnx.Rngs,
+        data_max: float,
+        **kw: Any,
     ):
         height, width, channels = image_shape
         factor = 2 ** (len(widths) - 1)
         self.bottom = (height // factor, width // factor, widths[-1])
-        self.data_max = p.data_max
-        self.label_embed = _embed(p.num_classes, latent_dim, dtype, rngs) if p.num_classes else None
+        self.data_max = data_max
+        self.label_embed = (
+            layers.embed(p.num_classes, latent_dim, stddev=1.0 / math.sqrt(latent_dim), **kw) if p.num_classes else None
+        )
         in_dim = latent_dim * (2 if p.num_classes else 1)
-        self.project = _dense(in_dim, math.prod(self.bottom), ("latent", "embed"), dtype, rngs)
+        self.project = layers.dense(in_dim, math.prod(self.bottom), ("latent", "embed"), **kw)
         back = list(reversed(widths))
         self.ups = nnx.List(
-            [_conv(a, b, 4, 2, dtype, rngs, transpose=True) for a, b in itertools.pairwise(back)]
+            [layers.conv(a, b, kernel=4, strides=2, transpose=True, **kw) for a, b in itertools.pairwise(back)]
         )
-        self.out = _conv(widths[0], channels, 3, 1, dtype, rngs)
+        self.out = layers.conv(widths[0], channels, **kw)
 
     def __call__(self, z: jax.Array, labels: jax.Array | None) -> jax.Array:
         if self.label_embed is not None:
@@ -134,17 +106,19 @@ class Discriminator(nnx.Module):
         image_shape: tuple[int, int, int],
         widths: list[int],
         p: GANParameters,
-        dtype: Any,
-        rngs: nnx.Rngs,
+        data_max: float,
+        **kw: Any,
     ):
         height, width, channels = image_shape
         factor = 2 ** (len(widths) - 1)
-        self.data_max, self.leak = p.data_max, p.leak
-        self.stem = _conv(channels, widths[0], 3, 1, dtype, rngs)
-        self.downs = nnx.List([_conv(a, b, 4, 2, dtype, rngs) for a, b in itertools.pairwise(widths)])
+        self.data_max, self.leak = data_max, p.leak
+        self.stem = layers.conv(channels, widths[0], **kw)
+        self.downs = nnx.List([layers.conv(a, b, kernel=4, strides=2, **kw) for a, b in itertools.pairwise(widths)])
         features = (height // factor) * (width // factor) * widths[-1]
-        self.logit = _dense(features, 1, ("embed", None), dtype, rngs)
-        self.label_embed = _embed(p.num_classes, features, dtype, rngs) if p.num_classes else None
+        self.logit = layers.dense(features, 1, ("embed", None), **kw)
+        self.label_embed = (
+            layers.embed(p.num_classes, features, stddev=1.0 / math.sqrt(features), **kw) if p.num_classes else None
+        )
 
     def __call__(self, x: jax.Array, labels: jax.Array | None) -> jax.Array:
         """Per-example logits ``[B]`` (positive: looks real)."""
@@ -177,6 +151,7 @@ class GAN(GenerativeModel):
     down (each further entry halves H and W), ``output_dim`` is the noise dimension."""
 
     Parameters = GANParameters
+    per_example_keys = True
     param_groups = {"generator": "generator", "discriminator": "discriminator"}  # noqa: RUF012
 
     def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
@@ -193,25 +168,27 @@ class GAN(GenerativeModel):
             )
         self.latent_dim = config.output_dim
         self.num_classes = self.hp.num_classes
-        dtype = jnp.dtype(config.param_dtype)
-        self.generator = Generator(self.image_shape, widths, self.latent_dim, self.hp, dtype, rngs)
-        self.discriminator = Discriminator(self.image_shape, widths, self.hp, dtype, rngs)
+        data_max = _data_max(config, self.hp)
+        kw = {"rngs": rngs, **layers.dtypes(config)}
+        self.generator = Generator(self.image_shape, widths, self.latent_dim, self.hp, data_max, **kw)
+        self.discriminator = Discriminator(self.image_shape, widths, self.hp, data_max, **kw)
 
     @property
     def update_order(self) -> tuple[str, ...]:
         """``d_steps`` discriminator updates, then one generator update."""
         return ("discriminator",) * self.hp.d_steps + ("generator",)
 
-    def _labels(self, batch: dict[str, jax.Array], rng: jax.Array, n: int) -> jax.Array | None:
+    def _labels(self, batch: dict[str, jax.Array], keys: ExampleKeys) -> jax.Array | None:
         """The batch's labels for a conditional model (random ones when the data has none)."""
         if not self.num_classes:
             return None
         if "label" in batch:
             return batch["label"].astype(jnp.int32)
-        return jax.random.randint(rng, (n,), 0, self.num_classes)
+        return keys.randint(0, self.num_classes)
 
-    def _fake(self, n: int, labels: jax.Array | None, rng: jax.Array) -> jax.Array:
-        return self.generator(jax.random.normal(rng, (n, self.latent_dim)), labels)
+    def _fake(self, labels: jax.Array | None, keys: ExampleKeys) -> jax.Array:
+        """One fake per example, from that example's noise key."""
+        return self.generator(keys.normal((self.latent_dim,)), labels)
 
     def _r1(self, real: jax.Array, labels: jax.Array | None) -> jax.Array:
         """Per-example ``|grad_x D(x)|^2`` (examples are independent: no batch statistics in D)."""
@@ -221,7 +198,7 @@ class GAN(GenerativeModel):
     def example_losses(
         self,
         batch: dict[str, jax.Array],
-        rng: jax.Array,
+        rng: jax.Array | ExampleKeys,
         *,
         step: jax.Array | None = None,
         group: str | None = None,
@@ -237,14 +214,10 @@ class GAN(GenerativeModel):
         if group not in (None, "generator", "discriminator"):
             raise ValueError(f"unknown parameter group '{group}' (generator, discriminator or None)")
         real = batch["image"].astype(jnp.float32)
-        if real.shape[1:] != self.image_shape:
-            raise ValueError(
-                f"batch images have shape {real.shape[1:]}, the model expects {self.image_shape}"
-            )
-        n = real.shape[0]
-        label_key, noise_key = jax.random.split(rng)
-        labels = self._labels(batch, label_key, n)
-        fake = self._fake(n, labels, noise_key)
+        layers.check_images(real, self.image_shape)
+        label_keys, noise_keys = ExampleKeys.of(rng, real.shape[0]).split(2)
+        labels = self._labels(batch, label_keys)
+        fake = self._fake(labels, noise_keys)
         kind = self.hp.loss
         if group == "generator":
             fake_logits = self.discriminator(fake, labels)
@@ -279,3 +252,20 @@ class GAN(GenerativeModel):
             labels = None
         z = options.get("temperature", 1.0) * jax.random.normal(rng, (num_samples, self.latent_dim))
         return self.generator(z, labels)
+
+
+def _data_max(config: ModelConfiguration, p: GANParameters) -> float:
+    """A white pixel's value: from the data (``model.data``); the deprecated ``data_max`` still works."""
+    if p.data_max is None:
+        return config.data.max_value or 1.0
+    warnings.warn(
+        "model.parameters.data_max is deprecated and will be removed in the next release; the GAN takes a "
+        "white pixel's value from the data section (data.normalize)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if config.data.max_value not in (None, p.data_max):
+        raise ConfigError(
+            f"model.parameters.data_max={p.data_max} disagrees with the data's white pixel {config.data.max_value}: remove it"
+        )
+    return p.data_max

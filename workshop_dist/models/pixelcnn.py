@@ -20,15 +20,15 @@ import numpy as np
 import pydantic
 from flax import nnx
 
-from workshop_dist.config import ConfigError, StrictConfig
+from workshop_dist.config import ConfigError
 from workshop_dist.models import layers
 from workshop_dist.models.base import GenerativeModel
-from workshop_dist.models.config import ModelConfiguration
+from workshop_dist.models.config import LevelsParameters, ModelConfiguration, data_levels
+from workshop_dist.models.keys import ExampleKeys
 from workshop_dist.models.registry import register_model, validate_parameters
 
 
-class PixelCNNParameters(StrictConfig):
-    num_levels: int = pydantic.Field(17, ge=2, description="Pixel values 0..num_levels-1 (17 for digits).")
+class PixelCNNParameters(LevelsParameters):
     channels: int = pydantic.Field(64, ge=1, description="Feature channels of each gated layer.")
     num_layers: int = pydantic.Field(6, ge=1, description="Gated layers (the first is the causal 'A' layer).")
     kernel_size: int = pydantic.Field(5, ge=3, description="Odd kernel width of the masked convolutions.")
@@ -67,20 +67,24 @@ class MaskedConv(nnx.Module):
     """Causal convolution: a ``(k//2+1, k)`` (vertical) or ``(1, k//2+1)`` (horizontal) kernel, padded
     so that it covers only rows above / pixels to the left, times a static mask (see :func:`_mask`)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: int, kind: str, *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, out_features: int, kernel_size: int, kind: str, *, rngs: nnx.Rngs,
+        dtype: Any = None, param_dtype: Any = jnp.float32,
+    ):
         self.kind = kind
         half = kernel_size // 2
         vertical = kind.startswith("vertical")
         self.kernel_shape = (half + 1, kernel_size) if vertical else (1, half + 1)
         self.padding = ((half, 0), (half, half)) if vertical else ((0, 0), (half, 0))
-        init = nnx.with_partitioning(
-            nnx.initializers.lecun_normal(), ("spatial", "spatial", "conv_in", "conv_out"), eager_sharding=False
-        )
-        bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",), eager_sharding=False)
-        self.kernel = nnx.Param(init(rngs.params(), (*self.kernel_shape, in_features, out_features), jnp.float32))
-        self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), jnp.float32))
+        self.dtype, self.param_dtype = dtype, param_dtype
+        shape = (*self.kernel_shape, in_features, out_features)
+        self.kernel = layers.param(shape, layers.CONV_AXES, rngs=rngs, param_dtype=param_dtype)
+        zeros = nnx.initializers.zeros_init()
+        self.bias = layers.param((out_features,), ("conv_out",), rngs=rngs, init=zeros, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
         mask = jnp.asarray(_mask(self.kind, *self.kernel_shape))[:, :, None, None]
         kernel = self.kernel[...] * mask
         out = jax.lax.conv_general_dilated(
@@ -92,28 +96,17 @@ class MaskedConv(nnx.Module):
 class GatedLayer(nnx.Module):
     """One gated layer: vertical and horizontal stacks, v->h link, residual on the horizontal stack."""
 
-    def __init__(self, in_features: int, channels: int, kernel_size: int, first: bool, num_classes: int, *, rngs):
+    def __init__(self, in_features: int, channels: int, kernel_size: int, first: bool, num_classes: int, **kw: Any):
         suffix = "a" if first else "b"
         self.first = first
-        self.vertical = MaskedConv(in_features, 2 * channels, kernel_size, f"vertical_{suffix}", rngs=rngs)
-        self.horizontal = MaskedConv(in_features, 2 * channels, kernel_size, f"horizontal_{suffix}", rngs=rngs)
-        self.v_to_h = layers.dense(2 * channels, 2 * channels, ("embed", "mlp"), rngs=rngs)
-        self.h_out = layers.dense(channels, channels, ("mlp", "embed"), rngs=rngs)
-        self.embed = (
-            nnx.Embed(
-                num_classes,
-                4 * channels,
-                embedding_init=nnx.with_partitioning(
-                    nnx.initializers.normal(0.02), ("vocab", "embed"), eager_sharding=False
-                ),
-                rngs=rngs,
-            )
-            if num_classes
-            else None
-        )
+        self.vertical = MaskedConv(in_features, 2 * channels, kernel_size, f"vertical_{suffix}", **kw)
+        self.horizontal = MaskedConv(in_features, 2 * channels, kernel_size, f"horizontal_{suffix}", **kw)
+        self.v_to_h = layers.dense(2 * channels, 2 * channels, ("embed", "mlp"), **kw)
+        self.h_out = layers.dense(channels, channels, ("mlp", "embed"), **kw)
+        self.embed = layers.embed(num_classes, 4 * channels, stddev=0.02, **kw) if num_classes else None
 
     def __call__(
-        self, v: jax.Array, h: jax.Array, labels: jax.Array | None, drop: tuple[float, jax.Array] | None
+        self, v: jax.Array, h: jax.Array, labels: jax.Array | None, drop: tuple[float, ExampleKeys] | None
     ) -> tuple[jax.Array, jax.Array]:
         v_pre = self.vertical(v)
         h_pre = self.horizontal(h) + self.v_to_h(v_pre)
@@ -126,8 +119,8 @@ class GatedLayer(nnx.Module):
         v_out = _gate(v_pre)
         gated = _gate(h_pre)
         if drop is not None:
-            rate, key = drop
-            keep = jax.random.bernoulli(key, 1.0 - rate, gated.shape)
+            rate, keys = drop  # each example's dropout mask from its own key
+            keep = keys.bernoulli(1.0 - rate, gated.shape[1:])
             gated = jnp.where(keep, gated / (1.0 - rate), 0.0)
         h_new = self.h_out(gated)
         return v_out, h_new if self.first else h + h_new
@@ -148,6 +141,7 @@ class PixelCNN(GenerativeModel):
     """
 
     Parameters = PixelCNNParameters
+    per_example_keys = True
 
     def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
         self.params_config: PixelCNNParameters = validate_parameters(type(self), config)
@@ -155,37 +149,40 @@ class PixelCNN(GenerativeModel):
         self.image_shape = tuple(config.input_dim)
         if len(self.image_shape) != 3 or self.image_shape[2] != 1:
             raise ConfigError(f"pixelcnn models single-channel images (H, W, 1), got input_dim {self.image_shape}")
-        self.num_levels = p.num_levels
+        self.num_levels = data_levels(config, p, "pixelcnn")
         self.num_classes = p.num_classes
         self.deterministic = False
+        kw = {"rngs": rngs, **layers.dtypes(config)}
         self.layers = nnx.List(
             [
-                GatedLayer(1 if i == 0 else p.channels, p.channels, p.kernel_size, i == 0, p.num_classes, rngs=rngs)
+                GatedLayer(1 if i == 0 else p.channels, p.channels, p.kernel_size, i == 0, p.num_classes, **kw)
                 for i in range(p.num_layers)
             ]
         )
-        self.head = layers.dense(p.channels, p.output_channels, ("embed", "mlp"), rngs=rngs)
-        self.logits_out = layers.dense(p.output_channels, p.num_levels, ("mlp", "vocab"), rngs=rngs)
+        self.head = layers.dense(p.channels, p.output_channels, ("embed", "mlp"), **kw)
+        self.logits_out = layers.dense(p.output_channels, self.num_levels, ("mlp", "vocab"), **kw)
 
-    def logits(self, x: jax.Array, labels: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+    def logits(
+        self, x: jax.Array, labels: jax.Array | None = None, rng: jax.Array | ExampleKeys | None = None
+    ) -> jax.Array:
         """``[B, H, W, 1]`` levels (any float, for gradient checks) -> ``[B, H, W, num_levels]`` logits.
 
         The logits at a pixel depend only on the pixels before it in raster order. ``rng``
-        enables dropout (only when the model is in training mode).
+        enables dropout (only when the model is in training mode), one mask per example's key.
         """
         h = v = 2.0 * x.astype(jnp.float32) / (self.num_levels - 1) - 1.0
         rate = self.params_config.dropout
         use_dropout = rng is not None and rate > 0 and not self.deterministic
+        keys = ExampleKeys.of(rng, x.shape[0]) if use_dropout else None
         for index, layer in enumerate(self.layers):
-            drop = (rate, jax.random.fold_in(rng, index)) if use_dropout else None
+            drop = (rate, keys.fold_in(index)) if keys is not None else None
             v, h = layer(v, h, labels, drop)
         return self.logits_out(nnx.relu(self.head(nnx.relu(h))))
 
-    def log_prob(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
+    def log_prob(self, batch: dict[str, jax.Array], rng: jax.Array | ExampleKeys | None = None) -> jax.Array:
         """Exact ``log p(x)`` in nats per image, ``[B]``."""
         x = batch["image"]
-        if x.shape[1:] != self.image_shape:
-            raise ValueError(f"batch images have shape {x.shape[1:]}, the model expects {self.image_shape}")
+        layers.check_images(x, self.image_shape)
         levels = jnp.clip(jnp.round(x.astype(jnp.float32)), 0, self.num_levels - 1).astype(jnp.int32)
         labels = batch.get("label") if self.num_classes else None
         log_probs = jax.nn.log_softmax(self.logits(levels, labels, rng), axis=-1)
@@ -193,7 +190,8 @@ class PixelCNN(GenerativeModel):
         return picked.reshape(x.shape[0], -1).sum(-1)
 
     def example_losses(
-        self, batch: dict[str, jax.Array], rng: jax.Array, *, step: jax.Array | None = None, group: str | None = None
+        self, batch: dict[str, jax.Array], rng: jax.Array | ExampleKeys, *, step: jax.Array | None = None,
+        group: str | None = None,
     ) -> dict[str, jax.Array]:
         """Per-example exact NLL (nats per image) and bits per dimension."""
         nll = -self.log_prob(batch, rng)

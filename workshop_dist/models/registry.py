@@ -10,10 +10,8 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import jax
-import jax.numpy as jnp
 import pydantic
 from flax import nnx
 
@@ -23,14 +21,6 @@ from workshop_dist.models.config import ModelConfiguration
 _REGISTRY: dict[str, type] = {}
 _ADAPTERS: dict[str, Callable[[type | str], type]] = {}  # package -> wraps that package's model classes
 C = TypeVar("C", bound=type)
-
-
-class ModelProtocol(Protocol):
-    """What the engine calls (see :mod:`workshop_dist.models.base` for the whole contract)."""
-
-    def loss(self, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
-
-    def sample(self, rng: jax.Array, num_samples: int) -> jax.Array: ...
 
 
 def register_model(name: str) -> Callable[[C], C]:
@@ -98,14 +88,12 @@ def validate_parameters(cls: type, config: ModelConfiguration) -> Any:
 
 
 def create_model(config: ModelConfiguration, *, rngs: nnx.Rngs | int = 0) -> nnx.Module:
-    """Build the model ``config`` describes; ``rngs`` seeds its initialisation."""
+    """Build the model ``config`` describes; ``rngs`` seeds its initialisation.
+
+    The model's layers take their compute and storage dtypes (``config.dtype``, ``config.param_dtype``)
+    when they are built (:func:`workshop_dist.models.layers.dtypes`); nothing is cast afterwards.
+    """
     cls = resolve_model_class(config.model_class)
     if isinstance(rngs, int):
         rngs = nnx.Rngs(rngs)
-    model = cls(config, rngs=rngs)
-    if config.param_dtype != "float32":  # storage dtype of the master weights
-        dtype = jnp.dtype(config.param_dtype)
-        for _, param in nnx.iter_graph(model):
-            if isinstance(param, nnx.Param) and jnp.issubdtype(param.get_value().dtype, jnp.floating):
-                param.set_value(param.get_value().astype(dtype))
-    return model
+    return cls(config, rngs=rngs)

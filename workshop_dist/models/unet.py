@@ -16,14 +16,15 @@ import pydantic
 from flax import nnx
 
 from workshop_dist.config import ConfigError
+from workshop_dist.models import layers
 from workshop_dist.models.config import ModelConfiguration
 from workshop_dist.models.diffusion import (
     DiffusionModel,
     DiffusionParameters,
-    dense,
     remat_policy,
     timestep_embedding,
 )
+from workshop_dist.models.layers import conv, dense, group_norm
 from workshop_dist.models.registry import register_model
 
 
@@ -33,35 +34,16 @@ class UNetParameters(DiffusionParameters):
     attention_heads: int = pydantic.Field(4, ge=1, description="Heads of the lowest-resolution attention.")
 
 
-def conv(in_features: int, out_features: int, *, rngs: nnx.Rngs, kernel: int = 3, strides: int = 1,
-         zero: bool = False, param_dtype: Any = jnp.float32) -> nnx.Conv:
-    init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
-    return nnx.Conv(
-        in_features, out_features, kernel_size=(kernel, kernel), strides=(strides, strides), padding="SAME",
-        param_dtype=param_dtype, rngs=rngs,
-        kernel_init=nnx.with_partitioning(init, ("spatial", "spatial", "conv_in", "conv_out"), eager_sharding=False),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",), eager_sharding=False),
-    )
-
-
-def group_norm(features: int, *, rngs: nnx.Rngs, param_dtype: Any) -> nnx.GroupNorm:
-    groups = next(g for g in (8, 4, 2, 1) if features % g == 0)
-    return nnx.GroupNorm(features, num_groups=groups, param_dtype=param_dtype, rngs=rngs)
-
-
 class ResBlock(nnx.Module):
     """GroupNorm-swish-conv twice, time embedding added in between; the second conv starts at 0."""
 
-    def __init__(self, in_features: int, out_features: int, embed_dim: int, *, rngs: nnx.Rngs, param_dtype: Any):
-        self.norm1 = group_norm(in_features, rngs=rngs, param_dtype=param_dtype)
-        self.conv1 = conv(in_features, out_features, rngs=rngs, param_dtype=param_dtype)
-        self.embed = dense(embed_dim, out_features, ("embed", "mlp"), rngs=rngs, param_dtype=param_dtype)
-        self.norm2 = group_norm(out_features, rngs=rngs, param_dtype=param_dtype)
-        self.conv2 = conv(out_features, out_features, rngs=rngs, zero=True, param_dtype=param_dtype)
-        self.skip = (
-            conv(in_features, out_features, kernel=1, rngs=rngs, param_dtype=param_dtype)
-            if in_features != out_features else None
-        )
+    def __init__(self, in_features: int, out_features: int, embed_dim: int, **kw: Any):
+        self.norm1 = group_norm(in_features, **kw)
+        self.conv1 = conv(in_features, out_features, **kw)
+        self.embed = dense(embed_dim, out_features, ("embed", "mlp"), **kw)
+        self.norm2 = group_norm(out_features, **kw)
+        self.conv2 = conv(out_features, out_features, zero=True, **kw)
+        self.skip = conv(in_features, out_features, kernel=1, **kw) if in_features != out_features else None
 
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
         h = self.conv1(nnx.swish(self.norm1(x)))
@@ -76,15 +58,16 @@ class Attention(nnx.Module):
     Used in the middle of the U-Net, i.e. at the lowest resolution only, where it is cheap.
     """
 
-    def __init__(self, features: int, heads: int, *, rngs: nnx.Rngs, param_dtype: Any):
+    def __init__(self, features: int, heads: int, **kw: Any):
         if features % heads:
             raise ConfigError(f"ddpm_unet: attention width {features} is not divisible by {heads} heads")
         self.heads = heads
-        self.norm = group_norm(features, rngs=rngs, param_dtype=param_dtype)
+        self.norm = group_norm(features, **kw)
+        # the key projection has no bias: softmax is invariant to it (its gradient is exactly zero)
         self.qkv = nnx.List(
-            [dense(features, features, ("embed", "heads"), rngs=rngs, param_dtype=param_dtype) for _ in range(3)]
+            [dense(features, features, ("embed", "heads"), use_bias=name != "key", **kw) for name in ("query", "key", "value")]
         )
-        self.out = dense(features, features, ("heads", "embed"), rngs=rngs, zero=True, param_dtype=param_dtype)
+        self.out = dense(features, features, ("heads", "embed"), zero=True, **kw)
 
     def __call__(self, x: jax.Array, emb: jax.Array | None = None) -> jax.Array:
         batch, height, width, features = x.shape
@@ -97,16 +80,12 @@ class Attention(nnx.Module):
 class UNet(nnx.Module):
     """``(z, t, labels) -> out``: the denoising network."""
 
-    def __init__(self, hp: UNetParameters, channels: int, out_features: int, num_classes: int, remat: str, *,
-                 rngs: nnx.Rngs, param_dtype: Any):
-        kw = {"rngs": rngs, "param_dtype": param_dtype}
+    def __init__(self, hp: UNetParameters, channels: int, out_features: int, num_classes: int, remat: str, **kw: Any):
         widths, base = hp.widths, hp.widths[0]
         self.embed_dim = embed = 4 * base
         self.remat = remat
         self.time = nnx.List([dense(base, embed, ("embed", "mlp"), **kw), dense(embed, embed, ("mlp", "embed"), **kw)])
-        self.classes = (
-            nnx.Embed(num_classes + 1, embed, param_dtype=param_dtype, rngs=rngs) if num_classes else None
-        )
+        self.classes = layers.embed(num_classes + 1, embed, **kw) if num_classes else None
         self.stem = conv(channels, base, **kw)
         down: list[nnx.Module] = []
         skips, width = [base], base
@@ -172,5 +151,5 @@ class DDPMUNet(DiffusionModel):
                 f"but {height}x{width} is not divisible by {factor}; use fewer widths"
             )
         self.network = UNet(
-            self.hp, self.channels, self.out_features, self.num_classes, self.remat, rngs=rngs, param_dtype=self.param_dtype
+            self.hp, self.channels, self.out_features, self.num_classes, self.remat, rngs=rngs, **layers.dtypes(config)
         )

@@ -19,35 +19,44 @@ import optax
 import pydantic
 from flax import nnx
 
-from workshop_dist.config import ConfigError, StrictConfig
+from workshop_dist.config import ConfigError
 from workshop_dist.models import layers
 from workshop_dist.models.base import GenerativeModel
-from workshop_dist.models.config import ModelConfiguration
+from workshop_dist.models.config import LevelsParameters, ModelConfiguration, data_levels
+from workshop_dist.models.keys import ExampleKeys
 from workshop_dist.models.registry import register_model, validate_parameters
 
 
-class VAEParameters(StrictConfig):
+class VAEParameters(LevelsParameters):
     beta: float = pydantic.Field(1.0, ge=0, description="Weight of the KL term.")
     likelihood: Literal["bernoulli", "categorical", "discretized_logistic"] = pydantic.Field(
         "bernoulli",
-        description="Decoder: 'bernoulli' on [0, 1] pixels, or over integer levels 0..num_levels-1 "
+        description="Decoder: 'bernoulli' on [0, 1] pixels, or over the data's integer levels "
         "'categorical' or 'discretized_logistic' (data.normalize: levels).",
     )
-    num_levels: int = pydantic.Field(17, ge=2, description="Pixel levels of the discrete likelihoods.")
 
 
 class _VAEBase(GenerativeModel):
     """Shared ELBO, sampling and reparameterisation; subclasses define encode/decode."""
 
     Parameters = VAEParameters
+    per_example_keys = True
 
     def __init__(self, config: ModelConfiguration):
         self.params_config: VAEParameters = validate_parameters(type(self), config)
         self.image_shape = tuple(config.input_dim)
         self.latent_dim = config.output_dim
-        self.outputs_per_pixel = {"bernoulli": 1, "categorical": self.params_config.num_levels}.get(
-            self.params_config.likelihood, 2
-        )
+        likelihood = self.params_config.likelihood
+        if likelihood == "bernoulli":
+            if config.data.normalize == "levels":
+                raise ConfigError(
+                    "vae likelihood 'bernoulli' models pixels in [0, 1], but the data holds integer levels: set "
+                    "data.normalize: unit, or model.parameters.likelihood: categorical / discretized_logistic"
+                )
+            self.num_levels = 2
+        else:
+            self.num_levels = data_levels(config, self.params_config, f"vae likelihood '{likelihood}'")
+        self.outputs_per_pixel = {"bernoulli": 1, "categorical": self.num_levels}.get(likelihood, 2)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError
@@ -64,11 +73,10 @@ class _VAEBase(GenerativeModel):
     def _inputs(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """``(target, encoder input)``: [0, 1] pixels for Bernoulli; levels and levels / (L - 1) otherwise."""
         x = batch["image"].astype(jnp.float32)
-        if x.shape[1:] != self.image_shape:
-            raise ValueError(f"batch images have shape {x.shape[1:]}, the model expects {self.image_shape}")
+        layers.check_images(x, self.image_shape)
         if self.params_config.likelihood == "bernoulli":
             return x, x
-        top = self.params_config.num_levels - 1
+        top = self.num_levels - 1
         levels = jnp.clip(jnp.round(x), 0, top)
         return levels, levels / top
 
@@ -82,15 +90,16 @@ class _VAEBase(GenerativeModel):
         if p.likelihood == "categorical":
             log_probs = jax.nn.log_softmax(outputs, axis=-1)
             return jnp.take_along_axis(log_probs, levels[..., None], axis=-1)[..., 0].sum(axes)
-        return discretized_logistic_log_prob(outputs[..., 0], outputs[..., 1], levels, p.num_levels).sum(axes)
+        return discretized_logistic_log_prob(outputs[..., 0], outputs[..., 1], levels, self.num_levels).sum(axes)
 
     def example_losses(
-        self, batch: dict[str, jax.Array], rng: jax.Array, *, step: jax.Array | None = None, group: str | None = None
+        self, batch: dict[str, jax.Array], rng: jax.Array | ExampleKeys, *, step: jax.Array | None = None,
+        group: str | None = None,
     ) -> dict[str, jax.Array]:
-        """Per-example negative ELBO (reconstruction + beta * KL) and its parts."""
+        """Per-example negative ELBO (reconstruction + beta * KL) and its parts (one z per example's key)."""
         target, x = self._inputs(batch)
         mean, logvar = self.encode(x)
-        eps = jax.random.normal(rng, mean.shape, mean.dtype)
+        eps = ExampleKeys.of(rng, x.shape[0]).normal(mean.shape[1:], mean.dtype)
         z = mean + jnp.exp(0.5 * logvar) * eps
         reconstruction = -self.log_likelihood(self.decode(z), target)
         kl = 0.5 * (jnp.exp(logvar) + mean**2 - 1.0 - logvar).sum(-1)
@@ -135,10 +144,10 @@ class _VAEBase(GenerativeModel):
         p = self.params_config
         if p.likelihood == "bernoulli":
             return jax.nn.sigmoid(outputs)
-        top = p.num_levels - 1
+        top = self.num_levels - 1
         if p.likelihood == "categorical":
             if options.get("decoder_mean", False):
-                return (jax.nn.softmax(outputs, axis=-1) * jnp.arange(p.num_levels)).sum(-1)
+                return (jax.nn.softmax(outputs, axis=-1) * jnp.arange(self.num_levels)).sum(-1)
             return jax.random.categorical(x_key, outputs).astype(jnp.float32)
         mu, log_scale = outputs[..., 0], jnp.maximum(outputs[..., 1], _MIN_LOG_SCALE)
         if options.get("decoder_mean", False):
@@ -177,22 +186,23 @@ class VAE(_VAEBase):
     def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
         super().__init__(config)
         sizes = [math.prod(self.image_shape), *config.hidden_dims]
+        kw = {"rngs": rngs, **layers.dtypes(config)}
         self.encoder = nnx.List(
-            [layers.dense(a, b, _alternate(i), rngs=rngs) for i, (a, b) in enumerate(itertools.pairwise(sizes))]
+            [layers.dense(a, b, _alternate(i), **kw) for i, (a, b) in enumerate(itertools.pairwise(sizes))]
         )
         last_axis = _alternate(len(config.hidden_dims) - 1)[1]
-        self.mean = layers.dense(sizes[-1], self.latent_dim, (last_axis, "latent"), rngs=rngs)
-        self.logvar = layers.dense(sizes[-1], self.latent_dim, (last_axis, "latent"), rngs=rngs)
+        self.mean = layers.dense(sizes[-1], self.latent_dim, (last_axis, "latent"), **kw)
+        self.logvar = layers.dense(sizes[-1], self.latent_dim, (last_axis, "latent"), **kw)
         back = [self.latent_dim, *reversed(config.hidden_dims)]
         self.decoder = nnx.List(
             [
-                layers.dense(a, b, ("latent", "mlp") if i == 0 else _alternate(i), rngs=rngs)
+                layers.dense(a, b, ("latent", "mlp") if i == 0 else _alternate(i), **kw)
                 for i, (a, b) in enumerate(itertools.pairwise(back))
             ]
         )
         last = ("latent", "mlp") if len(back) == 2 else _alternate(len(back) - 2)
         self.output = layers.dense(
-            back[-1], sizes[0] * self.outputs_per_pixel, _alternate(0 if last[1] == "embed" else 1), rngs=rngs
+            back[-1], sizes[0] * self.outputs_per_pixel, _alternate(0 if last[1] == "embed" else 1), **kw
         )
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -223,18 +233,19 @@ class ConvVAE(_VAEBase):
                 f"conv_vae halves the image {len(config.hidden_dims)} times: H and W ({height}x{width}) "
                 f"must be divisible by {factor}; use fewer hidden_dims."
             )
+        kw = {"rngs": rngs, **layers.dtypes(config)}
         chans = [channels, *config.hidden_dims]
-        self.encoder = nnx.List([layers.conv(a, b, strides=2, rngs=rngs) for a, b in itertools.pairwise(chans)])
+        self.encoder = nnx.List([layers.conv(a, b, strides=2, **kw) for a, b in itertools.pairwise(chans)])
         self.bottom = (height // factor, width // factor, chans[-1])
         flat = math.prod(self.bottom)
-        self.mean = layers.dense(flat, self.latent_dim, ("embed", "latent"), rngs=rngs)
-        self.logvar = layers.dense(flat, self.latent_dim, ("embed", "latent"), rngs=rngs)
-        self.expand = layers.dense(self.latent_dim, flat, ("latent", "embed"), rngs=rngs)
+        self.mean = layers.dense(flat, self.latent_dim, ("embed", "latent"), **kw)
+        self.logvar = layers.dense(flat, self.latent_dim, ("embed", "latent"), **kw)
+        self.expand = layers.dense(self.latent_dim, flat, ("latent", "embed"), **kw)
         back = list(reversed(chans[1:]))
         self.decoder = nnx.List(
-            [layers.conv(a, b, strides=2, transpose=True, rngs=rngs) for a, b in zip(back, [*back[1:], back[-1]], strict=False)]
+            [layers.conv(a, b, strides=2, transpose=True, **kw) for a, b in zip(back, [*back[1:], back[-1]], strict=False)]
         )
-        self.output = layers.conv(back[-1], channels * self.outputs_per_pixel, rngs=rngs)
+        self.output = layers.conv(back[-1], channels * self.outputs_per_pixel, **kw)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = x

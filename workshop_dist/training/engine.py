@@ -50,12 +50,14 @@ class Engine:
         self.config, self.mesh = config, mesh
         build = None
         if isinstance(model, ModelConfiguration):
-            model_config = model
+            model_config = model.with_precision(config.precision)  # built in its compute dtype, once
             build = lambda: create_model(model_config, rngs=nnx.Rngs(config.seed))  # noqa: E731
             model = nnx.eval_shape(build)
         graphdef, params_state, model_state = nnx.split(model, nnx.Param, ...)
         compute = jnp.bfloat16 if config.precision == "bfloat16" else None
-        self.calls = steps.ModelCalls.for_model(model, graphdef, nnx.to_pure_dict(model_state), compute)
+        self.calls = steps.ModelCalls.for_model(
+            model, graphdef, nnx.to_pure_dict(model_state), compute, batch_sharding=parallel.batch_sharding(mesh)
+        )
         if not self.calls.per_example:
             steps.warn_loss_only(model)
         self.num_classes: int | None = getattr(model, "num_classes", None) or None

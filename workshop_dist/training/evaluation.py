@@ -10,6 +10,7 @@ import numpy as np
 
 from workshop_dist import parallel, samples
 from workshop_dist.config import WorkshopError
+from workshop_dist.data import DataConfiguration
 from workshop_dist.metrics import is_primary
 from workshop_dist.training import inputs
 from workshop_dist.training.step import SAMPLE_STREAM
@@ -79,6 +80,6 @@ def _data_max(trainer: Trainer, images: np.ndarray) -> float:
     """The pixel value shown as white: the top level for integer-level data (``data.normalize: levels``)."""
     data = (trainer.experiment_config or {}).get("data") or {}
     if data.get("normalize") == "levels":
-        return float(data.get("max_level") or (16 if data.get("source") == "digits" else 255))
+        return DataConfiguration.model_validate(data).max_value  # the data section's top level
     top = float(np.max(images)) if images.size else 1.0
     return top if top > 1.5 else 1.0  # in-memory level data without a config: its own maximum

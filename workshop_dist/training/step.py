@@ -8,7 +8,6 @@ then updates the EMA. Everything here is traced once by :mod:`workshop_dist.trai
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from workshop_dist.training.calls import ModelCalls
 from workshop_dist.training.state import TrainingState
 
 Metrics = dict[str, jax.Array]
@@ -27,69 +27,6 @@ EVAL_STREAM = 0x7FFF_FFFF
 SAMPLE_STREAM = 0x7FFF_FFFE
 MODEL_RNG_STREAM = 0x7FFF_FFFD
 SINGLE = "model"  # the group name of a model without parameter groups
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelCalls:
-    """How to rebuild and call the model inside a traced function.
-
-    ``key_paths`` are the model-state leaves that hold typed PRNG keys (``nnx.Rngs``): the state
-    stores them as raw key data (placeable, checkpointable) and they are re-wrapped here.
-    """
-
-    graphdef: nnx.GraphDef
-    key_paths: Mapping[tuple, Any] = dataclasses.field(default_factory=dict)  # path -> key impl
-    compute_dtype: Any = None
-    loss_kwargs: frozenset[str] = frozenset()
-    per_example: bool = True  # the model has example_losses (else: legacy loss-only model)
-
-    @classmethod
-    def for_model(cls, model: nnx.Module, graphdef: nnx.GraphDef, model_state: Any, compute_dtype: Any) -> ModelCalls:
-        keys = {
-            path: _key_impl(leaf)
-            for path, leaf in _leaves(model_state)
-            if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
-        }
-        params = inspect.signature(type(model).loss).parameters
-        has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        kwargs = frozenset(k for k in ("step", "group") if k in params or has_var_kw)
-        base = getattr(type(model), "example_losses", None)
-        from workshop_dist.models.base import GenerativeModel
-
-        per_example = base is not None and base is not GenerativeModel.example_losses
-        return cls(graphdef, keys, compute_dtype, kwargs, per_example)
-
-    def storable(self, model_state: Any) -> Any:
-        """Typed keys -> raw key data."""
-        return _map_paths(model_state, self.key_paths, lambda leaf, _: jax.random.key_data(leaf))
-
-    def merge(self, params: Any, model_state: Any, *, training: bool | None, rng: jax.Array | None = None) -> nnx.Module:
-        """The model with ``params``, in training or evaluation mode (None: as built), its Rngs reseeded from ``rng``."""
-        state = _map_paths(model_state, self.key_paths, lambda data, impl: jax.random.wrap_key_data(data, impl=impl))
-        if self.compute_dtype is not None:
-            params = jax.tree.map(lambda p: p.astype(self.compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-        model = nnx.merge(self.graphdef, params, state)
-        if self.compute_dtype is not None:  # flax layers compute in ``dtype`` and store ``param_dtype``
-            for _, node in nnx.iter_graph(model):
-                if isinstance(node, nnx.Module) and hasattr(node, "dtype") and hasattr(node, "param_dtype"):
-                    node.dtype = self.compute_dtype
-        if training is not None:
-            model.train() if training else model.eval()
-        if rng is not None and self.key_paths:
-            streams = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)]
-            for index, stream in enumerate(streams):  # streams derived from the run's key and step
-                impl = jax.random.key_impl(stream.key.get_value())
-                stream.key.set_value(jax.random.wrap_key_data(jax.random.fold_in(rng, index), impl=impl))
-                stream.count.set_value(jnp.zeros_like(stream.count.get_value()))
-        return model
-
-    def model_state(self, model: nnx.Module) -> Any:
-        return self.storable(nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
-
-    def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array, step: jax.Array, group: str | None):
-        kwargs = {"step": step, "group": group}
-        loss, metrics = model.loss(batch, rng, **{k: v for k, v in kwargs.items() if k in self.loss_kwargs})
-        return jnp.asarray(loss, jnp.float32), metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,38 +112,49 @@ def _accumulated_grads(
     step: jax.Array,
     group: str | None,
 ) -> tuple[jax.Array, Metrics, Any, Any]:
-    """Loss, metrics, new model state and gradients of ``target``, averaged over micro-batches."""
+    """Loss, metrics, new model state and gradients of ``target``, averaged over micro-batches.
 
-    def loss_fn(trainable: Any, model_state: Any, micro: Batch, rng: jax.Array):
+    A per-example-keys model gets example ``i``'s key ``fold_in(rng, i)`` in whichever
+    micro-batch ``i`` lands, so accumulation sees the full batch's noise.
+    """
+
+    def loss_fn(trainable: Any, model_state: Any, micro: Batch, micro_rng: jax.Array, keys: jax.Array | None):
         full = trainable if key is None else {**params, key: trainable}
-        model = calls.merge(full, model_state, training=True, rng=jax.random.fold_in(rng, MODEL_RNG_STREAM))
-        loss, metrics = calls.loss(model, micro, rng, step, group)
+        model = calls.merge(full, model_state, training=True, rng=jax.random.fold_in(micro_rng, MODEL_RNG_STREAM))
+        loss, metrics = calls.loss(model, micro, micro_rng if keys is None else calls.constrain(keys), step, group)
         return loss, (metrics, calls.model_state(model))
 
+    size = jax.tree.leaves(batch)[0].shape[0]
+    keys = calls.example_keys(rng, jnp.arange(size)).keys if calls.per_example_keys else None
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
-        (loss, (metrics, model_state)), grads = grad_fn(target, model_state, batch, rng)
+        (loss, (metrics, model_state)), grads = grad_fn(target, model_state, batch, rng, keys)
         return loss, metrics, model_state, grads
 
     # Micro-batch j holds examples j, j+k, j+2k, ...: each stays spread over every device.
-    micro_batches = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+    def split(x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+
+    micro_batches = jax.tree.map(split, batch)
+    micro_keys = None if keys is None else split(keys)
 
     def body(carry, inputs):
         grads_sum, loss_sum, metrics_sum, model_state = carry
-        index, micro = inputs
-        (loss, (metrics, model_state)), grads = grad_fn(target, model_state, micro, jax.random.fold_in(rng, index))
+        index, micro, keys = inputs
+        (loss, (metrics, model_state)), grads = grad_fn(target, model_state, micro, jax.random.fold_in(rng, index), keys)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, jax.tree.map(jnp.add, metrics_sum, metrics), model_state), None
 
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    metric_shapes = jax.eval_shape(lambda: loss_fn(target, model_state, first, rng)[1][0])
+    first = jax.tree.map(lambda x: x[0], (micro_batches, micro_keys))
+    metric_shapes = jax.eval_shape(lambda: loss_fn(target, model_state, first[0], rng, first[1])[1][0])
     zeros = (
         jax.tree.map(jnp.zeros_like, target),
         jnp.zeros((), jnp.float32),
         {k: jnp.zeros(v.shape, jnp.float32) for k, v in metric_shapes.items()},
         model_state,
     )
-    (grads, loss, metrics, model_state), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro_batches))
+    xs = (jnp.arange(accum_steps), micro_batches, micro_keys)
+    (grads, loss, metrics, model_state), _ = jax.lax.scan(body, zeros, xs)
     scale = 1.0 / accum_steps
     return loss * scale, jax.tree.map(lambda m: m * scale, metrics), model_state, jax.tree.map(lambda g: g * scale, grads)
 
@@ -253,20 +201,27 @@ def make_eval_sums(calls: ModelCalls) -> Callable[[Any, Any, jax.Array, Batch, j
 
     Padding examples (``mask == 0``) are masked out of per-example values, so every real
     example counts exactly once and the model sees whole batches (BatchNorm statistics and
-    in-place state updates behave as in training). ``batch_index`` gives every batch its own keys.
+    in-place state updates behave as in training). A per-example-keys model gets the key of
+    each example's position in the pass (``batch_index * B + i``), so the results do not
+    depend on the batch size; other models get one key per batch. A loss-only model is called
+    on the whole batch (see :func:`_whole_batch`).
     """
 
     def eval_sums(params: Any, model_state: Any, rng: jax.Array, batch: Batch, batch_index: jax.Array) -> Metrics:
         mask = batch["mask"].astype(jnp.float32)
         examples = {key: value for key, value in batch.items() if key != "mask"}
-        key = jax.random.fold_in(jax.random.fold_in(rng, EVAL_STREAM), batch_index)
+        stream = jax.random.fold_in(rng, EVAL_STREAM)
+        key = jax.random.fold_in(stream, batch_index)
         model = calls.merge(params, model_state, training=False, rng=jax.random.fold_in(key, MODEL_RNG_STREAM))
-        if calls.per_example:
-            values = model.example_losses(examples, key)
-        else:  # a loss-only model: score examples one at a time (it cannot tell us per-example values)
-            values = jax.vmap(lambda ex, k: _loss_metrics(calls, model, ex, k))(examples, jax.random.split(key, mask.shape[0]))
+        model_rng: Any = key
+        if calls.per_example_keys:
+            size = mask.shape[0]
+            positions = jnp.asarray(batch_index, jnp.uint32) * size + jnp.arange(size, dtype=jnp.uint32)
+            model_rng = calls.example_keys(stream, positions)
+        if not calls.per_example:
+            return _whole_batch(calls, model, examples, mask, model_rng)
         sums = {}
-        for name, value in values.items():
+        for name, value in model.example_losses(examples, model_rng).items():
             value = jnp.asarray(value, jnp.float32)
             if value.shape != mask.shape:
                 raise ValueError(
@@ -281,6 +236,26 @@ def make_eval_sums(calls: ModelCalls) -> Callable[[Any, Any, jax.Array, Batch, j
     return eval_sums
 
 
+def _whole_batch(calls: ModelCalls, model: nnx.Module, examples: Batch, mask: jax.Array, rng: Any) -> Metrics:
+    """A loss-only model's sums: ``loss`` on the whole batch (no vmap: models with Rngs work), its
+    padding rows filled with copies of the batch's real rows, each value counted once per real row.
+
+    Exact when the batch is full; a partially padded batch's real rows count with nearly equal
+    weights (those copied once more count slightly more), never the padding itself.
+    """
+    size = mask.shape[0]
+    count = jnp.sum(mask)
+    real_first = jnp.argsort(mask <= 0, stable=True)
+    source = real_first[jnp.arange(size) % jnp.maximum(count, 1.0).astype(jnp.int32)]
+    filled = jax.tree.map(lambda x: jnp.take(x, source, axis=0), examples)
+    loss, metrics = calls.loss(model, filled, rng, None, None)
+    values = {**metrics, "loss": loss}
+    sums = {name: jnp.mean(jnp.asarray(value, jnp.float32)) * count for name, value in values.items()}
+    sums["num_examples"] = count
+    sums["num_batches"] = jnp.ones((), jnp.float32)
+    return sums
+
+
 def make_eval_step(calls: ModelCalls) -> Callable[[Any, Any, jax.Array, Batch, Metrics], Metrics]:
     """``totals + eval_sums(batch)``: accumulates on device, read once after the pass."""
     eval_sums = make_eval_sums(calls)
@@ -292,16 +267,12 @@ def make_eval_step(calls: ModelCalls) -> Callable[[Any, Any, jax.Array, Batch, M
     return eval_step
 
 
-def _loss_metrics(calls: ModelCalls, model: nnx.Module, example: Batch, key: jax.Array) -> Metrics:
-    loss, metrics = calls.loss(model, jax.tree.map(lambda x: x[None], example), key, None, None)
-    return {**metrics, "loss": loss}
-
-
 def warn_loss_only(model: nnx.Module) -> None:
     warnings.warn(
-        f"{type(model).__name__} has no example_losses(): evaluation scores examples one at a time, so "
-        "batch statistics (BatchNorm) and in-loss state updates do not work there. Implement "
-        "example_losses (see workshop_dist.models.base).",
+        f"{type(model).__name__} has no example_losses(): evaluation calls loss() on whole batches and "
+        "counts each batch's values once per real example; a padded last batch is filled with copies of "
+        "its real examples, so the figures are exact only when the evaluation set fills whole batches. "
+        "Implement example_losses (see workshop_dist.models.base) for exact per-example evaluation.",
         UserWarning,
         stacklevel=3,
     )
@@ -316,25 +287,3 @@ def make_sample_fn(calls: ModelCalls) -> Callable[..., jax.Array]:
         return model.sample(rng, num_samples, **kwargs)
 
     return sample
-
-
-def _key_impl(leaf: Any) -> Any:
-    """The PRNG implementation of a typed key array (or of its abstract shape)."""
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        return leaf.dtype._impl
-    return jax.random.key_impl(leaf)
-
-
-def _leaves(tree: Any) -> list[tuple[tuple, Any]]:
-    return [(tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
-
-
-def _map_paths(tree: Any, paths: Mapping[tuple, Any], fn: Callable[[Any, Any], Any]) -> Any:
-    if not paths:
-        return tree
-
-    def one(path: tuple, leaf: Any) -> Any:
-        name = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        return fn(leaf, paths[name]) if name in paths else leaf
-
-    return jax.tree_util.tree_map_with_path(one, tree)
