@@ -26,7 +26,7 @@ model = create_model(
     rngs=nnx.Rngs(0),
 )
 workdir = Path(tempfile.mkdtemp())
-config = TrainingConfiguration(name="smoke", batch_size=64, num_epochs=2, max_steps=20, log_frequency=5)
+config = TrainingConfiguration(name="smoke", batch_size=64, num_epochs=2, length={"max_steps": 20}, cadence={"log_every": 5})
 trainer = Trainer(model, config, train_data_loader=train, workdir=workdir)
 trainer.fit()
 trainer.close()
@@ -38,7 +38,7 @@ data = "data.data_dir=" + str(workdir / "data")
 runs = {"cli": (20, []), "cli-artifex": (10, ["model.model_class=artifex_vae", "model.parameters={kl_weight: 1.0}"])}
 for name, (steps, overrides) in runs.items():
     cli_workdir = workdir / name
-    command = ["-m", "workshop_dist.cli", "--workdir", str(cli_workdir), f"training.max_steps={steps}"]
+    command = ["-m", "workshop_dist.cli", "--workdir", str(cli_workdir), f"training.length.max_steps={steps}"]
     subprocess.run([sys.executable, *command, "training.scheduler.warmup_steps=5", data, *overrides], check=True)
     saved = sorted(p.name for p in (cli_workdir / "checkpoints").iterdir())
     assert str(steps) in saved, (name, saved)

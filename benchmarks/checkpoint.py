@@ -41,8 +41,9 @@ def main() -> None:
         workdir = tempfile.mkdtemp(prefix=f"ckpt_bench_{mode}_")
         model = create_model(ModelConfiguration(hidden_dims=[args.hidden, args.hidden], output_dim=16), rngs=nnx.Rngs(0))
         config = TrainingConfiguration(
-            batch_size=64, num_epochs=1000, steps_per_epoch=args.steps, log_frequency=args.steps,
-            save_frequency=10**9, checkpoint={"max_to_keep": 2, "async_save": mode == "async"}, num_samples=0,
+            batch_size=64, num_epochs=1000, length={"steps_per_epoch": args.steps},
+            cadence={"log_every": args.steps, "save_every": 10**9, "num_samples": 0},
+            checkpoint={"max_to_keep": 2, "async_save": mode == "async"},
         )
         trainer = Trainer(model, config, images, None, workdir, mesh_config=mesh_config)
         size_mb = sum(x.nbytes for x in jax.tree.leaves(trainer.state)) / 2**20

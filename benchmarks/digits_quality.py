@@ -269,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     num_samples = args.samples
     if args.quick:
         overrides += [
-            "training.max_steps=3",
-            "training.steps_per_call=1",
-            "training.num_samples=0",
-            "training.eval_frequency=1000",
+            "training.length.max_steps=3",
+            "training.performance.steps_per_call=1",
+            "training.cadence.num_samples=0",
+            "training.cadence.eval_every=1000",
             "training.scheduler=null",
         ]
         num_samples = min(num_samples, 100)

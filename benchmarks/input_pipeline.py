@@ -50,7 +50,7 @@ def measure_trainer(experiment, epochs: int) -> tuple[float, dict[str, float]]:
     from workshop_dist import Trainer, create_model
     from workshop_dist.data import make_train_input
 
-    training = experiment.training.model_copy(update={"log_frequency": 7, "num_epochs": 10**6})
+    training = experiment.training.model_copy(update={"cadence": experiment.training.cadence.model_copy(update={"log_every": 7}), "num_epochs": 10**6})
     train = make_train_input(experiment.data, global_batch_size=training.batch_size, seed=0)
     rows = []
     trainer = Trainer(

@@ -107,8 +107,8 @@ def trainer_loop(args, size, steps, data, mesh, mesh_config):
     from workshop_dist.metrics import Logger
 
     config = TrainingConfiguration(
-        batch_size=size["batch"], num_epochs=10**6, log_frequency=10**6, num_samples=0,
-        data_on_device=True, max_steps_in_flight=IN_FLIGHT,
+        batch_size=size["batch"], num_epochs=10**6, cadence={"log_every": 10**6, "num_samples": 0},
+        performance={"data_on_device": True, "max_steps_in_flight": IN_FLIGHT},
         optimizer={"optimizer_type": "adam", "learning_rate": 1e-4},
     )
     trainer = Trainer(model_config(size, args.remat, args.precision), config, data, None, workdir=None,

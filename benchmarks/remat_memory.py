@@ -80,6 +80,7 @@ def main() -> None:
     from workshop_dist import parallel
     from workshop_dist.training import TrainingConfiguration
     from workshop_dist.training.engine import Engine
+    from workshop_dist.training.plan import make_plan
 
     mesh_config = parallel.MeshConfiguration(data=-1)
     mesh = parallel.make_mesh(mesh_config)
@@ -90,12 +91,10 @@ def main() -> None:
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     print(f"{'model.remat':34s} {'arguments':>12s} {'temporaries':>12s} {'total':>12s} {'GFLOP/step':>11s}")
     for policy in POLICIES:
-        engine = Engine(base.model_copy(update={"remat": policy, "dtype": args.precision}), training, mesh, mesh_config, 1, abstract=True)
-        batch = {"image": jax.ShapeDtypeStruct((args.batch, *base.input_dim), jax.numpy.float32, sharding=engine.batch_sharding),
-                 "label": jax.ShapeDtypeStruct((args.batch,), jax.numpy.int32, sharding=engine.batch_sharding)}
-        engine.build(batch)
-        stacked = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype, sharding=engine.stacked_sharding) for k, v in batch.items()}
-        compiled = engine.lower(engine.state_shapes, stacked).compile()
+        batch = {"image": jax.ShapeDtypeStruct((args.batch, *base.input_dim), jax.numpy.float32),
+                 "label": jax.ShapeDtypeStruct((args.batch,), jax.numpy.int32)}
+        plan = make_plan(base.model_copy(update={"remat": policy, "dtype": args.precision}), training, 1)
+        compiled = Engine(plan, mesh, mesh_config, batch, abstract=True).lower().compile()
         memory = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost

@@ -23,8 +23,8 @@ def run(workdir: str, max_steps: int, cache: str | None) -> float:
     """Seconds from launch to the first completed step (the process then finishes its run)."""
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     command = [
-        sys.executable, "-m", "workshop_dist.cli", "--workdir", workdir, f"training.max_steps={max_steps}",
-        f"training.compilation_cache_dir={cache or 'null'}", "training.num_samples=0",
+        sys.executable, "-m", "workshop_dist.cli", "--workdir", workdir, f"training.length.max_steps={max_steps}",
+        f"compilation.cache_dir={cache or 'null'}", "training.cadence.num_samples=0",
     ]
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -49,6 +49,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from workshop_dist.models import ModelConfiguration, create_model
     from workshop_dist.training import TrainingConfiguration
     from workshop_dist.training.engine import Engine
+    from workshop_dist.training.plan import make_plan
 
     mesh_config = parallel.MeshConfiguration(data=1, fsdp=8)
     mesh = parallel.make_mesh(mesh_config)
@@ -57,7 +58,7 @@ def run_one(args: argparse.Namespace) -> dict:
     model_config = ModelConfiguration(hidden_dims=[args.width] * args.layers, output_dim=16)
     training = TrainingConfiguration(optimizer={"optimizer_type": "sgd", "learning_rate": 0.1})
     model = model_config if args.mode == "sharded" else create_model(model_config, rngs=nnx.Rngs(training.seed))
-    engine = Engine(model, training, mesh, mesh_config, total_steps=1)
+    engine = Engine(make_plan(model, training, total_steps=1), mesh, mesh_config)
     params = engine.initial_state.params
     jax.block_until_ready(params)
     del model

@@ -10,7 +10,7 @@ each repetition, and their range (target: a/b >= 0.97).
 
 ``--variants`` adds the same comparison with an option on in both loops: ``ema`` (EMA of the
 params, decay 0.999), ``accum4`` (4 micro-batches per step), and ``fast``: the Trainer with
-``training.data_on_device`` and ``training.steps_per_call`` against the fastest hand-written loop
+``training.performance.data_on_device`` and ``training.performance.steps_per_call`` against the fastest hand-written loop
 (the data set staged on the mesh once, ``--steps-per-call`` steps per jitted call via lax.scan,
 batches gathered on the device).
 All three keep at most ``max_steps_in_flight`` (2) steps queued, as the Trainer does: on
@@ -45,10 +45,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--variants", default="base", help="Comma list of: base, ema, accum4, fast.")
     parser.add_argument("--steps-per-call", type=int, default=20, help="Steps per call of the 'fast' variant.")
+    parser.add_argument(
+        "--timer", choices=["wall", "cpu"], default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (all threads), steadier on a machine shared with other jobs.",
+    )
     return parser.parse_args()
 
 
-IN_FLIGHT = 2  # the Trainer's default training.max_steps_in_flight
+IN_FLIGHT = 2  # the Trainer's default training.performance.max_steps_in_flight
 MODELS = {
     "tiny": {"hidden_dims": [32], "output_dim": 4},
     "default": {"hidden_dims": [256, 128], "output_dim": 16},
@@ -71,7 +75,7 @@ def main() -> None:
     mesh = parallel.make_mesh(mesh_config)
     clip = "no clipping" if args.no_clip else "clip-by-norm 10"
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} | mesh {dict(mesh.shape)} | "
-          f"batch {args.batch_size} | adam, {clip}, cosine | {args.steps} steps x {args.repeats} repeats")
+          f"batch {args.batch_size} | adam, {clip}, cosine | {args.steps} steps x {args.repeats} repeats | {args.timer} time")
     for variant in args.variants.split(","):
         for name in args.models.split(","):
             if variant == "fast":
@@ -86,7 +90,7 @@ def main() -> None:
                 }
                 if variant == "base":
                     loops["c"] = nnx_loop(name, batches, mesh, mesh_config, args)
-            rates, ratios = measure(loops, args.repeats)
+            rates, ratios = measure(loops, args.repeats, TIMERS[args.timer])
             line = f"{variant:>6} {name:>8}: (a) Trainer {rates['a']:7.1f} steps/s | (b) bare {rates['b']:7.1f}"
             if "c" in rates:
                 line += f" | (c) nnx.jit {rates['c']:7.1f}"
@@ -96,7 +100,10 @@ def main() -> None:
             sys.stdout.flush()
 
 
-def measure(loops: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(loops: dict, repeats: int, timer=time.perf_counter) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Steps/s of each loop (median over repetitions) and the per-repetition ratios a/b, a/c.
 
     Repetitions are interleaved, in an order that alternates (a b c, c b a, ...), and ratios are
@@ -109,9 +116,9 @@ def measure(loops: dict, repeats: int) -> tuple[dict[str, float], dict[str, list
     for repeat in range(repeats):
         order = list(loops) if repeat % 2 == 0 else list(reversed(loops))
         for key in order:
-            start = time.perf_counter()
+            start = timer()
             steps = loops[key]()
-            rates[key].append(steps / (time.perf_counter() - start))
+            rates[key].append(steps / (timer() - start))
     ratios = {f"a/{key}": [a / x for a, x in zip(rates["a"], rates[key], strict=True)] for key in loops if key != "a"}
     return {key: statistics.median(values) for key, values in rates.items()}, ratios
 
@@ -126,9 +133,9 @@ def _model(name: str):
 
 VARIANTS = {
     "base": [],
-    "ema": ["training.ema_decay=0.999"],
-    "accum4": ["training.grad_accum_steps=4"],
-    "fast": ["training.data_on_device=true"],
+    "ema": ["training.ema.decay=0.999"],
+    "accum4": ["training.performance.grad_accum_steps=4"],
+    "fast": ["training.performance.data_on_device=true"],
 }
 
 
@@ -138,15 +145,15 @@ def training_config(args, steps_per_epoch: int, variant: str = "base"):
 
     overrides = [*VARIANTS[variant],
         f"training.batch_size={args.batch_size}",
-        f"training.steps_per_epoch={steps_per_epoch}",
+        f"training.length.steps_per_epoch={steps_per_epoch}",
         "training.num_epochs=1000000",
-        "training.log_frequency=100",
-        "training.num_samples=0",
+        "training.cadence.log_every=100",
+        "training.cadence.num_samples=0",
     ]
     if args.no_clip:
         overrides.append("training.optimizer.gradient_clip_norm=null")
     if variant == "fast":
-        overrides.append(f"training.steps_per_call={args.steps_per_call}")
+        overrides.append(f"training.performance.steps_per_call={args.steps_per_call}")
     return load_config(None, overrides).training
 
 
@@ -154,9 +161,9 @@ def _tx(config):
     """The same optax transformation the Trainer builds from ``config``."""
     from workshop_dist.optim import create_optimizer, create_schedule
 
-    total = config.num_epochs * config.steps_per_epoch
+    total = config.num_epochs * config.length.steps_per_epoch
     schedule = create_schedule(config.scheduler, config.optimizer.learning_rate, total)
-    return create_optimizer(config.effective_optimizer(), schedule)
+    return create_optimizer(config.optimizer, schedule)
 
 
 def trainer_loop(name, batches, mesh, mesh_config, args, variant="base"):
@@ -239,9 +246,9 @@ def bare_loop(name, batches, mesh, mesh_config, args, variant="base"):
 
     config = training_config(args, len(batches), variant)
     tx = _tx(config)
-    graphdef, rest, state, shardings = bare_state(name, mesh, mesh_config, tx, config.ema_decay is not None)
+    graphdef, rest, state, shardings = bare_state(name, mesh, mesh_config, tx, config.ema.decay is not None)
     replicated = parallel.replicated(mesh)
-    step = bare_update(graphdef, rest, tx, jax.random.PRNGKey(0), config.grad_accum_steps, config.ema_decay)
+    step = bare_update(graphdef, rest, tx, jax.random.PRNGKey(0), config.performance.grad_accum_steps, config.ema.decay)
     jitted = jax.jit(
         step,
         in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),

@@ -19,6 +19,7 @@ from flax import nnx
 
 from workshop_dist.data.digits import load_digits_split
 from workshop_dist.models import GenerativeModel, ModelConfiguration
+from workshop_dist.training.config import TrainingConfiguration
 
 STEPS_PER_EPOCH = 1000 // 128  # digits' training split at the default batch size
 
@@ -27,12 +28,26 @@ def resume_run_settings(epochs: int) -> list[str]:
     """``workshop-train`` overrides of the SIGTERM/SIGKILL resume tests: frequent saves and logs."""
     return [
         f"training.num_epochs={epochs}",
-        "training.save_frequency=4",
-        "training.log_frequency=1",
+        "training.cadence.save_every=4",
+        "training.cadence.log_every=1",
         "training.checkpoint.max_to_keep=3",
         "training.scheduler.warmup_steps=5",
-        "training.num_samples=4",
+        "training.cadence.num_samples=4",
     ]
+
+
+SECTIONS = ("length", "cadence", "performance")
+
+
+def training_config(**fields) -> TrainingConfiguration:
+    """A TrainingConfiguration; the fields of its length, cadence and performance sections may be given
+    by their own names (``log_every=5`` is ``cadence={"log_every": 5}``)."""
+    sections: dict[str, dict] = {}
+    for section in SECTIONS:
+        names = TrainingConfiguration.model_fields[section].annotation.model_fields
+        for name in [key for key in fields if key in names]:
+            sections.setdefault(section, {})[name] = fields.pop(name)
+    return TrainingConfiguration(**fields, **sections)
 
 
 def digits_images(split: str = "train") -> np.ndarray:

@@ -188,7 +188,7 @@ def test_too_big_for_the_chip_names_the_shortfall_and_the_fixes(libtpu, capsys):
     # the state dominates, so sharding it comes first, with the mesh that does it
     assert (
         err.index("mesh.data=1 mesh.fsdp=-1")
-        < err.index("training.grad_accum_steps=2")
+        < err.index("training.performance.grad_accum_steps=2")
         < err.index("training.batch_size")
     )
     assert "model.remat=full" in err

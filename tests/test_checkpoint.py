@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import digits_images, tiny_model_config
-from workshop_dist import Trainer, TrainingConfiguration, create_model, parallel
+from tests.helpers import digits_images, tiny_model_config, training_config
+from workshop_dist import Trainer, create_model, parallel
 from workshop_dist.checkpoint import CheckpointError, CheckpointManager, CheckpointMismatchError
 from workshop_dist.cli import main
 from workshop_dist.parallel import MeshConfiguration
@@ -19,11 +19,11 @@ VAL = digits_images("validation")
 
 
 def make_trainer(workdir, mesh=None, devices=None, **training):
-    settings = {"batch_size": 64, "num_epochs": 1, "log_frequency": 2, "save_frequency": 2, "num_samples": 0, **training}
+    settings = {"batch_size": 64, "num_epochs": 1, "log_every": 2, "save_every": 2, "num_samples": 0, **training}
     model = create_model(tiny_model_config(hidden_dims=[256, 128]), rngs=nnx.Rngs(0))
     mesh_config = mesh or MeshConfiguration()
     device_mesh = parallel.make_mesh(mesh_config, devices=devices)
-    return Trainer(model, TrainingConfiguration(**settings), TRAIN, VAL, workdir, mesh=device_mesh, mesh_config=mesh_config)
+    return Trainer(model, training_config(**settings), TRAIN, VAL, workdir, mesh=device_mesh, mesh_config=mesh_config)
 
 
 def host_params(trainer):
@@ -118,7 +118,7 @@ def test_a_shape_mismatch_is_an_error_not_a_fallback(tmp_path, workshop_log):
 
 
 def test_fit_keeps_the_best_validation_checkpoint(tmp_path):
-    trainer = make_trainer(tmp_path, num_epochs=4, steps_per_epoch=3, save_frequency=1, checkpoint={"max_to_keep": 1})
+    trainer = make_trainer(tmp_path, num_epochs=4, steps_per_epoch=3, save_every=1, checkpoint={"max_to_keep": 1})
     trainer.fit()
     losses = {row["step"]: row["loss"] for row in trainer.val_metrics}
     best = min(losses, key=losses.get)
@@ -150,10 +150,10 @@ def test_restore_onto_another_mesh(tmp_path, mesh, devices):
 
 
 def test_restore_flag_starts_a_new_workdir_from_a_checkpoint(tmp_path, capsys):
-    quick = ["training.scheduler=null", "training.num_samples=0", "training.save_frequency=2"]
+    quick = ["training.scheduler=null", "training.cadence.num_samples=0", "training.cadence.save_every=2"]
     first, second = tmp_path / "first", tmp_path / "second"
-    assert main(["--workdir", str(first), "training.max_steps=4", *quick]) == 0
+    assert main(["--workdir", str(first), "training.length.max_steps=4", *quick]) == 0
     capsys.readouterr()
-    assert main(["--workdir", str(second), "--restore", str(first / "checkpoints" / "2"), "training.max_steps=6", *quick]) == 0
+    assert main(["--workdir", str(second), "--restore", str(first / "checkpoints" / "2"), "training.length.max_steps=6", *quick]) == 0
     assert "Started from checkpoint" in capsys.readouterr().err
     assert sorted(int(p.name) for p in (second / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]

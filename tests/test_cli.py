@@ -37,7 +37,7 @@ def test_top_level_configs_dir_holds_the_packaged_default():
 def test_default_run_writes_checkpoints_metrics_samples_and_config(tmp_path):
     workdir = tmp_path / "run"
     cache = tmp_path / "jax_cache"
-    result = run_cli("--workdir", str(workdir), "training.num_epochs=4", f"training.compilation_cache_dir={cache}")
+    result = run_cli("--workdir", str(workdir), "training.num_epochs=4", f"compilation.cache_dir={cache}")
     assert result.returncode == 0, result.stderr[-3000:]
     final_step = 4 * (1000 // 128)
     step_dir = workdir / "checkpoints" / str(final_step)
@@ -49,7 +49,7 @@ def test_default_run_writes_checkpoints_metrics_samples_and_config(tmp_path):
     assert (workdir / "samples" / f"step_{final_step}.png").stat().st_size > 0
     saved = ExperimentConfiguration.load(workdir / "config.yaml")
     assert saved == ExperimentConfiguration.load(
-        default_config_path(), ["training.num_epochs=4", f"training.compilation_cache_dir={cache}"]
+        default_config_path(), ["training.num_epochs=4", f"compilation.cache_dir={cache}"]
     )
     for name in ("checkpoints", "metrics.jsonl", f"step_{final_step}.png", "config.yaml"):
         assert name in result.stdout
@@ -104,23 +104,23 @@ def test_print_config_applies_overrides(capsys):
 
 def test_resume_false_refuses_to_overwrite_existing_checkpoints(tmp_path, capsys):
     workdir = tmp_path / "run"
-    quick = ["training.scheduler=null", "training.num_samples=0"]
-    assert main(["--workdir", str(workdir), "training.max_steps=2", *quick]) == 0
+    quick = ["training.scheduler=null", "training.cadence.num_samples=0"]
+    assert main(["--workdir", str(workdir), "training.length.max_steps=2", *quick]) == 0
     capsys.readouterr()
-    assert main(["--workdir", str(workdir), "training.max_steps=4", "training.resume=false", *quick]) == 2
+    assert main(["--workdir", str(workdir), "training.length.max_steps=4", "training.checkpoint.resume=false", *quick]) == 2
     err = capsys.readouterr().err
-    assert "refusing to overwrite" in err and "training.resume=false" in err
+    assert "refusing to overwrite" in err and "training.checkpoint.resume=false" in err
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2]
 
 
-QUICK = ["training.scheduler=null", "training.num_samples=0", "training.save_frequency=2"]
+QUICK = ["training.scheduler=null", "training.cadence.num_samples=0", "training.cadence.save_every=2"]
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     """A finished 4-step run of the default model with checkpoints at steps 2 and 4."""
     workdir = tmp_path_factory.mktemp("small") / "run"
-    assert main(["--workdir", str(workdir), "training.max_steps=4", *QUICK]) == 0
+    assert main(["--workdir", str(workdir), "training.length.max_steps=4", *QUICK]) == 0
     return workdir
 
 
@@ -152,8 +152,8 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(small_run
     workdir = tmp_path / "run"
     shutil.copytree(small_run, workdir)
     before = {p.name: p.stat().st_mtime_ns for p in (workdir / "checkpoints").iterdir()}
-    code = main(["--workdir", str(workdir), "training.max_steps=8", "training.optimizer.learning_rate=1e8",
-                 "training.log_frequency=1", *QUICK])
+    code = main(["--workdir", str(workdir), "training.length.max_steps=8", "training.optimizer.learning_rate=1e8",
+                 "training.cadence.log_every=1", *QUICK])
     err = capsys.readouterr().err
     assert code == 3, err[-2000:]
     assert "Non-finite" in err and "at step" in err and "Traceback" not in err
@@ -167,6 +167,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert "Traceback" in err and "batch_size" in err
 
 
+@pytest.mark.slow  # matplotlib's first use builds its font cache with fc-list (a process)
 def test_plot_schedule_writes_the_learning_rate_curve(tmp_path, capsys):
     out = tmp_path / "lr.png"
     assert main(["--plot-schedule", str(out), "training.num_epochs=10"]) == 0

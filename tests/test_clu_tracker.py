@@ -75,7 +75,7 @@ def test_workshop_train_logs_its_training_metrics_through_clu(tmp_path):
 
     from workshop_dist.cli import main
 
-    quick = ["training.max_steps=4", "training.log_frequency=2", "training.scheduler=null", "training.num_samples=0"]
+    quick = ["training.length.max_steps=4", "training.cadence.log_every=2", "training.scheduler=null", "training.cadence.num_samples=0"]
     assert main(["--workdir", str(tmp_path), "logging.trackers=[jsonl,clu]", *quick]) == 0
     events = read_clu_events(tmp_path / "logs")
     board = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors("train/loss")}

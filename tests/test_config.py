@@ -10,7 +10,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from workshop_dist.checkpoint import CheckpointConfiguration
+from workshop_dist.compilation import CompilationConfiguration
 from workshop_dist.config import ConfigError, WorkshopError, apply_overrides, read_config_file
 from workshop_dist.data import DataConfiguration
 from workshop_dist.distributed import DistributedConfiguration
@@ -25,7 +25,14 @@ from workshop_dist.optim import (
 )
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.training import TrainingConfiguration
-from workshop_dist.training.config import GroupOptimizerConfiguration
+from workshop_dist.training.config import (
+    CadenceConfiguration,
+    EMAConfiguration,
+    GroupOptimizerConfiguration,
+    LengthConfiguration,
+    PerformanceConfiguration,
+    TrainingCheckpointConfiguration,
+)
 
 
 def packaged_default_path() -> Path:
@@ -58,15 +65,16 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             hidden_dims=[32, 64],
             output_dim=8,
             parameters={"beta": 0.5, "kernel": [3, 3], "note": "text", "nested": {"a": 1, "b": False}},
+            dtype="bfloat16",
             param_dtype="bfloat16",
             remat="dots_saveable",
         ),
         training=TrainingConfiguration(
-            name="full_run",
             batch_size=64,
             num_epochs=3,
+            seed=3,
+            nan_policy="skip",
             optimizer=OptimizerConfiguration(
-                name="opt",
                 optimizer_type=optimizer,
                 learning_rate=3e-4,
                 weight_decay=1e-5,
@@ -74,50 +82,31 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
                 gradient_clip_value=0.25,
                 **FULL_OPTIMIZER_FIELDS[optimizer],
             ),
-            scheduler=SchedulerConfiguration(
-                name="sched", scheduler_type=scheduler, warmup_steps=5, **FULL_SCHEDULER_FIELDS[scheduler]
-            ),
-            gradient_clip_norm=1.5,
-            save_frequency=50,
-            log_frequency=5,
-            eval_frequency=25,
-            checkpoint=CheckpointConfiguration(
-                directory="/tmp/checkpoints", max_to_keep=2, async_save=False, replica_parallel=True,
-                on_error="continue", save_retries=1, lock_timeout=30,
+            scheduler=SchedulerConfiguration(scheduler_type=scheduler, warmup_steps=5, **FULL_SCHEDULER_FIELDS[scheduler]),
+            length=LengthConfiguration(max_steps=300, steps_per_epoch=40),
+            cadence=CadenceConfiguration(log_every=5, eval_every=25, save_every=50, num_samples=9, profile_steps=(3, 4)),
+            checkpoint=TrainingCheckpointConfiguration(
+                directory="/tmp/checkpoints", max_to_keep=2, async_save=False, replica_parallel=True, resume=False,
+                restore_from="/tmp/elsewhere/7", on_error="continue", save_retries=1, lock_timeout=30,
                 local={"directory": "/tmp/local", "every": 10, "max_to_keep": 1},
             ),
             optimizers={
                 "generator": GroupOptimizerConfiguration(
-                    name="g",
                     optimizer_type=optimizer,
                     learning_rate=1e-3,
                     weight_decay=1e-5,
                     gradient_clip_norm=1.0,
                     gradient_clip_value=0.5,
                     **FULL_OPTIMIZER_FIELDS[optimizer],
-                    scheduler=SchedulerConfiguration(
-                        name="g_sched", scheduler_type=scheduler, warmup_steps=2, **FULL_SCHEDULER_FIELDS[scheduler]
-                    ),
+                    scheduler=SchedulerConfiguration(scheduler_type=scheduler, warmup_steps=2, **FULL_SCHEDULER_FIELDS[scheduler]),
                 )
             },
-            ema_decay=0.99,
-            ema_start_step=10,
-            eval_with_ema=False,
-            grad_accum_steps=2,
-            precision="bfloat16",
-            steps_per_call=2,
-            data_on_device=True,
-            max_steps=300,
-            steps_per_epoch=100,
-            seed=1234,
-            nan_policy="skip",
-            num_samples=16,
-            resume=False,
-            restore_from="/tmp/other_run",
-            profile_steps=(10, 5),
-            compilation_cache_dir="/tmp/jax_cache",
-            max_steps_in_flight=3,
+            ema=EMAConfiguration(decay=0.99, start_step=10, for_eval=False),
+            performance=PerformanceConfiguration(
+                grad_accum_steps=2, steps_per_call=2, data_on_device=True, max_steps_in_flight=3
+            ),
         ),
+        compilation=CompilationConfiguration(cache_dir="/tmp/jax_cache"),
         data=DataConfiguration(
             source="tfds:mnist",
             data_dir="/tmp/data",
@@ -182,7 +171,7 @@ def config_error(data: dict[str, Any], overrides: list[str] | None = None) -> st
 def test_full_configs_together_set_every_optional_field():
     # A field null in one variant (a scheduler field its type ignores) is set in another.
     null_in_all = set.intersection(*(set(null_paths(full_config(*v).model_dump())) for v in FULL_VARIANTS))
-    assert null_in_all == set()
+    assert null_in_all == {"training.performance.precision"}  # deprecated (model.dtype): only old configs set it
     assert {field for fields in FULL_OPTIMIZER_FIELDS.values() for field in fields} == set(OPTIMIZER_FIELD_USERS)
     assert {field for fields in FULL_SCHEDULER_FIELDS.values() for field in fields} == set(SCHEDULER_FIELD_USERS)
 
@@ -200,7 +189,7 @@ def test_packaged_default_loads_with_its_values():
     assert config.training.scheduler.scheduler_type == "cosine"
     assert config.training.scheduler.warmup_steps == 20
     assert config.training.scheduler.min_lr_ratio == pytest.approx(0.05)
-    assert config.training.eval_frequency is None
+    assert config.training.cadence.eval_every is None
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (-1, 1, 1)
 
 
@@ -244,11 +233,11 @@ def test_save_picks_format_from_suffix(tmp_path):
 )
 def test_yaml_round_trip_keeps_strings_that_look_like_other_types(tmp_path, text):
     config = ExperimentConfiguration(
-        training=TrainingConfiguration(name=text), model=ModelConfiguration(parameters={"tag": text})
+        data=DataConfiguration(train_split=text), model=ModelConfiguration(parameters={"tag": text})
     )
     config.save(tmp_path / "c.yaml")
     loaded = ExperimentConfiguration.load(tmp_path / "c.yaml")
-    assert loaded.training.name == text
+    assert loaded.data.train_split == text
     assert loaded.model.parameters == {"tag": text}
 
 
@@ -513,21 +502,21 @@ def test_overrides_apply_in_order_and_leave_the_input_untouched():
 
 def test_overrides_of_several_types_are_validated():
     config = ExperimentConfiguration.from_dict(
-        {"training": {"checkpoint_dir": "/somewhere"}},
+        {"training": {"checkpoint": {"directory": "/somewhere"}}},
         [
             "model.hidden_dims=[64,32]",
             "model.input_dim=[4,4,3]",
-            "training.checkpoint_dir=null",
+            "training.checkpoint.directory=null",
             "data.shuffle=false",
-            "training.eval_frequency=50",
+            "training.cadence.eval_every=50",
             "model.parameters.beta=0.25",
         ],
     )
     assert config.model.hidden_dims == [64, 32]
     assert config.model.input_dim == (4, 4, 3)
-    assert config.training.checkpoint_dir is None
+    assert config.training.checkpoint.directory is None
     assert config.data.shuffle is False
-    assert config.training.eval_frequency == 50
+    assert config.training.cadence.eval_every == 50
     assert config.model.parameters == {"beta": 0.25}
 
 
@@ -755,3 +744,69 @@ def test_json_file_is_loaded_with_overrides(tmp_path):
     assert config.training.batch_size == 16
     assert config.training.optimizer.optimizer_type == "sgd"
     assert config.training.optimizer.momentum == 0.5
+
+
+# --------------------------------------------------------------------------- sections and old names
+
+OLD_FLAT_VALUES = {  # every flat name of earlier releases, with a value that is not its default
+    "max_steps": 7, "steps_per_epoch": 3, "log_frequency": 2, "eval_frequency": 4, "save_frequency": 5,
+    "num_samples": 9, "profile_steps": (2, 1), "ema_decay": 0.5, "ema_start_step": 3, "eval_with_ema": False,
+    "precision": "bfloat16", "grad_accum_steps": 2, "steps_per_call": 4, "data_on_device": True,
+    "max_steps_in_flight": 3, "resume": False, "restore_from": "/tmp/r", "checkpoint_dir": "/tmp/c",
+    "max_checkpoints": 2, "async_checkpointing": False, "replica_parallel_checkpoints": True,
+}
+
+
+@pytest.mark.parametrize("old", sorted(OLD_FLAT_VALUES))
+def test_each_old_flat_name_still_works_with_a_warning_naming_its_new_place(old):
+    from workshop_dist.training.config import MOVED
+
+    section, new = MOVED[old]
+    with pytest.warns(DeprecationWarning, match=rf"training\.{old} is deprecated .* use training\.{section}\.{new}$"):
+        config = TrainingConfiguration(**{old: OLD_FLAT_VALUES[old]})
+    assert getattr(getattr(config, section), new) == OLD_FLAT_VALUES[old]
+    assert old not in config.model_dump()  # written back only under the new name
+    assert set(MOVED) == set(OLD_FLAT_VALUES)
+
+
+def test_old_names_in_a_file_load_and_save_under_the_new_ones(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(
+        "training:\n  name: run\n  log_frequency: 3\n  ema_decay: 0.9\n  max_checkpoints: 2\n"
+        "  compilation_cache_dir: null\n  optimizer: {name: adam, learning_rate: 0.1}\n"
+    )
+    with pytest.warns(DeprecationWarning) as caught:
+        config = ExperimentConfiguration.load(path)
+    assert {str(w.message).split(" is ")[0] for w in caught} == {
+        "training.log_frequency", "training.ema_decay", "training.max_checkpoints", "training.compilation_cache_dir",
+    }
+    assert (config.training.cadence.log_every, config.training.ema.decay, config.training.checkpoint.max_to_keep) == (3, 0.9, 2)
+    assert config.compilation.cache_dir is None
+    config.save(tmp_path / "new.yaml")
+    text = (tmp_path / "new.yaml").read_text()
+    assert "log_frequency" not in text and "name:" not in text.split("training:")[1].split("data:")[0]
+    assert ExperimentConfiguration.load(tmp_path / "new.yaml") == config  # no warning: pytest turns ours into errors
+
+
+def test_an_old_name_and_its_new_one_must_agree():
+    with pytest.warns(DeprecationWarning), pytest.raises(pydantic.ValidationError, match=r"set only cadence\.log_every"):
+        TrainingConfiguration(log_frequency=5, cadence={"log_every": 6})
+    with pytest.warns(DeprecationWarning):
+        assert TrainingConfiguration(log_frequency=5, cadence={"log_every": 5, "save_every": 7}).cadence.save_every == 7
+
+
+def test_name_is_accepted_as_in_the_original_design_and_not_kept():
+    config = TrainingConfiguration(
+        name="vae", optimizer=OptimizerConfiguration(name="adamw", optimizer_type="adamw"),
+        scheduler=SchedulerConfiguration(name="cosine", scheduler_type="cosine"),
+    )
+    assert config.optimizer.optimizer_type == "adamw"
+    assert "name" not in config.model_dump() and "name" not in config.model_dump()["optimizer"]
+
+
+def test_the_compilation_cache_is_not_a_training_setting():
+    assert "compilation_cache_dir" not in TrainingConfiguration.model_fields
+    with pytest.warns(DeprecationWarning, match="compilation.cache_dir"):
+        config = ExperimentConfiguration.from_dict({}, ["training.compilation_cache_dir=/tmp/cache"])
+    assert config.compilation.cache_dir == "/tmp/cache"
+    assert ExperimentConfiguration.from_dict({}, ["compilation.cache_dir=null"]).compilation.cache_dir is None

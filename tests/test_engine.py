@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import digits_images, tiny_model_config
+from tests.helpers import digits_images, tiny_model_config, training_config
 from workshop_dist import ModelConfiguration, Trainer, TrainingConfiguration, create_model
 from workshop_dist.config import ConfigError
 from workshop_dist.data.digits import load_digits_split
@@ -21,9 +21,9 @@ def model(name: str, **config):
     return create_model(ModelConfiguration(model_class=f"tests.engine_models.{name}", **config), rngs=nnx.Rngs(0))
 
 
-def trainer_for(m, train=TRAIN, val=VAL, workdir=None, **training):
-    settings = {"batch_size": 64, "num_epochs": 1, "log_frequency": 4, "num_samples": 0, **training}
-    return Trainer(m, TrainingConfiguration(**settings), train, val, workdir)
+def trainer_for(m, train=TRAIN, val=VAL, workdir=None, experiment_config=None, **training):
+    settings = {"batch_size": 64, "num_epochs": 1, "log_every": 4, "num_samples": 0, **training}
+    return Trainer(m, training_config(**settings), train, val, workdir, experiment_config=experiment_config)
 
 
 def params_of(trainer):
@@ -67,7 +67,7 @@ def test_gradient_accumulation_lowers_compiled_peak_memory():
 
 def test_ema_follows_the_params_is_sharded_like_them_and_is_used_for_evaluation():
     decay = 0.9
-    trainer = trainer_for(model("TanhModel"), max_steps=3, ema_decay=decay, optimizer=OptimizerConfiguration(optimizer_type="sgd", learning_rate=0.1))
+    trainer = trainer_for(model("TanhModel"), max_steps=3, ema={"decay": decay}, optimizer=OptimizerConfiguration(optimizer_type="sgd", learning_rate=0.1))
     history = [params_of(trainer)]
     single = trainer.train_step_fn
     for step in range(3):
@@ -81,8 +81,12 @@ def test_ema_follows_the_params_is_sharded_like_them_and_is_used_for_evaluation(
     for ema, param in zip(jax.tree.leaves(trainer.state.ema_params), jax.tree.leaves(trainer.state.params), strict=True):
         assert ema.sharding == param.sharding
     with_ema = trainer.evaluate(VAL)["loss"]
-    trainer.training_config.eval_with_ema = False
-    without = trainer.evaluate(VAL)["loss"]
+    raw = trainer_for(model("TanhModel"), ema={"decay": decay, "for_eval": False})
+    raw.state = trainer.state
+    without = raw.evaluate(VAL)["loss"]
+    plain = trainer_for(model("TanhModel"))  # no EMA at all: evaluates the params
+    plain.state = trainer.state.replace(ema_params=None)
+    assert plain.evaluate(VAL)["loss"] == pytest.approx(without, rel=1e-6)
     assert with_ema != pytest.approx(without, rel=1e-6)
 
 
@@ -97,7 +101,7 @@ def test_two_optimizers_update_their_own_groups_in_the_model_order():
         "discriminator": {"optimizer_type": "sgd", "learning_rate": 0.25},
         "generator": {"optimizer_type": "sgd", "learning_rate": 1e-30},
     }
-    trainer = trainer_for(model("TwoGroupModel"), max_steps=1, optimizers=optimizers, log_frequency=1)
+    trainer = trainer_for(model("TwoGroupModel"), max_steps=1, optimizers=optimizers, log_every=1)
     trainer.train_epoch()
     params = params_of(trainer)
     # two SGD steps on (d - 1)^2 with lr 0.25: 0 -> 0.5 -> 0.75; the generator's lr is ~0
@@ -138,7 +142,7 @@ def test_bfloat16_really_computes_in_bfloat16():
 def test_labels_reach_the_model_through_training_evaluation_and_sampling(tmp_path):
     data = load_digits_split("train")
     train = {"image": data["image"][:256].astype(np.float32), "label": data["label"][:256].astype(np.int32)}
-    trainer = trainer_for(model("LabelModel"), train=train, val=train, log_frequency=1)
+    trainer = trainer_for(model("LabelModel"), train=train, val=train, log_every=1, workdir=tmp_path, num_samples=20)
     trainer.train_epoch()
     rows = trainer.train_metrics
     assert [row["step"] for row in rows] == [0.0, 1.0, 2.0, 3.0]  # the step reaches the model
@@ -146,8 +150,6 @@ def test_labels_reach_the_model_through_training_evaluation_and_sampling(tmp_pat
     labels = np.array([3, 1, 4, 1])
     samples = trainer.generate_samples(4, labels=labels, guidance_scale=0.5)
     np.testing.assert_allclose(samples[:, 0, 0, 0], labels + 0.5)
-    trainer.training_config.num_samples = 20
-    trainer.workdir = tmp_path
     path = trainer.write_samples()
     from PIL import Image
 
@@ -159,7 +161,7 @@ def test_labels_reach_the_model_through_training_evaluation_and_sampling(tmp_pat
 @pytest.mark.slow
 def test_models_keeping_their_own_rngs_train_evaluate_sample_and_resume_bit_identically(tmp_path):
     def run(workdir, stop_at=None):
-        trainer = trainer_for(model("DropoutModel"), train=TRAIN, workdir=workdir, max_steps=8, save_frequency=4)
+        trainer = trainer_for(model("DropoutModel"), train=TRAIN, workdir=workdir, max_steps=8, save_every=4)
         if stop_at is None:
             trainer.restore()
         while not trainer.finished:
@@ -192,7 +194,7 @@ def test_steps_per_call_gives_the_same_run_and_lands_every_action(tmp_path, on_d
     def run(n, workdir):
         trainer = trainer_for(
             create_model(tiny_model_config(), rngs=nnx.Rngs(0)), workdir=workdir, num_epochs=2,
-            steps_per_call=n, data_on_device=on_device and n > 1, log_frequency=3, save_frequency=5, eval_frequency=7,
+            steps_per_call=n, data_on_device=on_device and n > 1, log_every=3, save_every=5, eval_every=7,
         )
         trainer.fit()
         trainer.close()
@@ -240,8 +242,8 @@ def test_a_loss_only_model_still_trains_and_evaluates_whole_batches_with_a_warni
 def test_sample_grids_of_level_data_are_scaled_not_clipped(tmp_path):
     from PIL import Image
 
-    trainer = trainer_for(model("LabelModel"), train=None, val=None, workdir=tmp_path, num_samples=10)
-    trainer.experiment_config = {"data": {"normalize": "levels", "source": "digits"}}
+    levels = {"data": {"normalize": "levels", "source": "digits"}}
+    trainer = trainer_for(model("LabelModel"), train=None, val=None, workdir=tmp_path, num_samples=10, experiment_config=levels)
     pixels = np.asarray(Image.open(trainer.write_samples()).convert("L"), np.float32)
     # samples are filled with their label 0..9 (levels out of 16): grey rows, not saturated white
     values = set(np.unique(pixels).astype(int))

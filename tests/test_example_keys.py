@@ -18,8 +18,8 @@ from workshop_dist.experiment import ExperimentConfiguration
 from workshop_dist.models import ExampleKeys
 
 REPO = Path(__file__).resolve().parents[1]
-SGD = ["training.optimizer.optimizer_type=sgd", "training.scheduler=null", "training.num_samples=0",
-       "training.ema_decay=null", "training.steps_per_call=1", "training.data_on_device=false"]
+SGD = ["training.optimizer.optimizer_type=sgd", "training.scheduler=null", "training.cadence.num_samples=0",
+       "training.ema.decay=null", "training.performance.steps_per_call=1", "training.performance.data_on_device=false"]
 # family -> (config, overrides that keep it tiny, steps)
 FAMILIES = {
     "vae": ("vae_digits", ["training.optimizer.learning_rate=0.05", "training.batch_size=128"], 20),
@@ -37,7 +37,7 @@ FAMILIES["gan"] = ("gan_digits", ["model.hidden_dims=[8,16]", "model.output_dim=
 def config_for(family: str, *extra: str) -> ExperimentConfiguration:
     name, overrides, steps = FAMILIES[family]
     return ExperimentConfiguration.load(REPO / "configs" / f"{name}.yaml",
-                                        [*SGD, *overrides, f"training.max_steps={steps}", *extra])
+                                        [*SGD, *overrides, f"training.length.max_steps={steps}", *extra])
 
 
 def data_for(config: ExperimentConfiguration, split: str = "train") -> dict[str, np.ndarray]:
@@ -67,14 +67,14 @@ def test_accumulation_gives_the_full_batch_run(family):
     """SGD with grad_accum_steps=4 ends where grad_accum_steps=1 does (each example keeps its noise)."""
     config = config_for(family)
     full = trained(config)
-    accumulated = trained(config_for(family, "training.grad_accum_steps=4"))
+    accumulated = trained(config_for(family, "training.performance.grad_accum_steps=4"))
     start = nnx.state(create_model(config.model, rngs=nnx.Rngs(config.training.seed)), nnx.Param)
     assert max(relative_differences(full.state.params, nnx.to_pure_dict(start))) > 1e-3  # training moved them
     assert max(relative_differences(full.state.params, accumulated.state.params)) < 1e-5
 
 
 def test_results_do_not_depend_on_the_mesh():
-    config = config_for("vae", "training.max_steps=6", "model.hidden_dims=[32]", "training.batch_size=64")
+    config = config_for("vae", "training.length.max_steps=6", "model.hidden_dims=[32]", "training.batch_size=64")
     one = parallel.MeshConfiguration(data=1)
     single = trained(config, parallel.make_mesh(one, jax.devices()[:1]), one)
     eight = parallel.MeshConfiguration(data=2, fsdp=4)

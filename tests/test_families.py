@@ -22,15 +22,15 @@ pytestmark = pytest.mark.slow  # every test here starts processes or trains a wh
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(path.stem for path in (REPO / "configs").glob("*.yaml"))
 STEPS, STOP = 8, 4
-SHORT = [f"training.max_steps={STEPS}", "training.log_frequency=1", f"training.save_frequency={STEPS}",
-         f"training.eval_frequency={STEPS}", "training.num_samples=0", "training.batch_size=64",
+SHORT = [f"training.length.max_steps={STEPS}", "training.cadence.log_every=1", f"training.cadence.save_every={STEPS}",
+         f"training.cadence.eval_every={STEPS}", "training.cadence.num_samples=0", "training.batch_size=64",
          "mesh.data=1", "mesh.fsdp=8"]
 
 
 def load(name: str) -> ExperimentConfiguration:
     config = ExperimentConfiguration.load(REPO / "configs" / f"{name}.yaml", SHORT)
-    if config.training.ema_decay is not None:  # exercise the EMA within the few steps
-        config.training.ema_start_step = 2
+    if config.training.ema.decay is not None:  # exercise the EMA within the few steps
+        config.training.ema.start_step = 2
     schedules = [config.training.scheduler, *(o.scheduler for o in (config.training.optimizers or {}).values())]
     for schedule in filter(None, schedules):
         schedule.warmup_steps = 1
@@ -70,7 +70,7 @@ def test_family_trains_sharded_resumes_after_sigterm_and_samples(name, tmp_path)
     else:  # the validation loss went down: each example draws the same noise in both evaluations
         before, after = start.evaluate()["loss"], full.evaluate()["loss"]
         assert after < before, (name, before, after, [r["loss"] for r in rows])
-    if config.training.ema_decay is not None:
+    if config.training.ema.decay is not None:
         assert full.state.ema_params is not None
 
     # 2. SIGTERM (to this process, caught by the real watcher) mid-run, then resume: bit-identical.

@@ -164,8 +164,8 @@ def test_samples_are_in_data_space_and_follow_labels():
 
 
 def test_trainer_runs_the_shipped_config_with_two_optimizers():
-    overrides = ["model.hidden_dims=[8,16]", "training.max_steps=3", "training.log_frequency=1"]
-    overrides += ["training.num_samples=0", "training.batch_size=32", "training.steps_per_call=1"]
+    overrides = ["model.hidden_dims=[8,16]", "training.length.max_steps=3", "training.cadence.log_every=1"]
+    overrides += ["training.cadence.num_samples=0", "training.batch_size=32", "training.performance.steps_per_call=1"]
     config = ExperimentConfiguration.load(ROOT / "configs" / "gan_digits.yaml", overrides)
     training = config.training
     assert set(training.optimizers) == set(GROUPS)

@@ -16,7 +16,7 @@ from workshop_dist.experiment import ExperimentConfiguration
 from workshop_dist.models import DataSpec, layers
 
 VAL = digits_images("validation")
-SETTINGS = {"batch_size": 64, "num_epochs": 1, "log_frequency": 1, "num_samples": 0}
+SETTINGS = {"batch_size": 64, "num_epochs": 1, "cadence": {"log_every": 1, "num_samples": 0}}
 
 
 class NoContract(nnx.Module):
@@ -41,7 +41,7 @@ def test_a_model_without_the_contract_gets_one_message_naming_what_to_define():
 def test_a_loss_only_model_with_its_own_rngs_and_dropout_trains_and_evaluates_whole_batches():
     model = create_model(ModelConfiguration(model_class="tests.engine_models.RngsLossOnlyModel"), rngs=0)
     with pytest.warns(UserWarning, match="whole batches"):
-        trainer = Trainer(model, TrainingConfiguration(**SETTINGS, max_steps=3), digits_images()[:192], None, None)
+        trainer = Trainer(model, TrainingConfiguration(**SETTINGS, length={"max_steps": 3}), digits_images()[:192], None, None)
     trainer.train_epoch()
     assert trainer.step == 3 and all(np.isfinite(row["loss"]) for row in trainer.train_metrics)
     result = trainer.evaluate(VAL[:128], batch_size=64)  # vmapped over the model, this raised TraceContextError
@@ -70,7 +70,7 @@ def test_the_layer_kit_builds_in_the_configured_dtypes():
 
 
 def test_training_precision_is_a_deprecated_alias_resolved_once_and_a_built_model_keeps_its_dtype():
-    config = TrainingConfiguration(**SETTINGS, precision="bfloat16")
+    config = TrainingConfiguration(**SETTINGS, performance={"precision": "bfloat16"})
     with pytest.warns(DeprecationWarning, match="model.dtype"):
         trainer = Trainer(ModelConfiguration(hidden_dims=[32], output_dim=4), config, None, None, None)
     assert layers.compute_dtypes(trainer.model) == {jnp.dtype(jnp.bfloat16)}

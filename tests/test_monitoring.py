@@ -4,14 +4,15 @@ sample grids, MFU, the progress bar and profiler traces."""
 import json
 import logging
 
+import jax
 import pytest
 from flax import nnx
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-from tests.helpers import digits_images, tiny_model_config
-from workshop_dist import Logger, MetricsLogger, Trainer, TrainingConfiguration, create_model, hardware
+from tests.helpers import digits_images, tiny_model_config, training_config
+from workshop_dist import Logger, MetricsLogger, Trainer, create_model, hardware
 from workshop_dist.training import trainer as trainer_module
 
 TRAIN = digits_images("train")
@@ -19,10 +20,10 @@ VAL = digits_images("validation")
 
 
 def make_trainer(workdir, **kwargs):
-    training = {"batch_size": 64, "num_epochs": 2, "steps_per_epoch": 4, "log_frequency": 2, "num_samples": 16}
+    training = {"batch_size": 64, "num_epochs": 2, "steps_per_epoch": 4, "log_every": 2, "num_samples": 16}
     training.update(kwargs.pop("training", {}))
     model = create_model(tiny_model_config(), rngs=nnx.Rngs(0))
-    return Trainer(model, TrainingConfiguration(**training), TRAIN, VAL, workdir, **kwargs)
+    return Trainer(model, training_config(**training), TRAIN, VAL, workdir, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +131,12 @@ def test_first_step_time_is_reported_once(tmp_path, caplog):
         trainer.train_epoch()
     assert caplog.text.count("First step done (step 1)") == 1
     assert trainer_module  # the module under test
+
+
+def test_train_log_has_the_parameter_table_from_clu(finished_run):
+    workdir, trainer = finished_run
+    text = (workdir / "logs" / "train.log").read_text()
+    table = text.split("Model parameters:", 1)[1]
+    count = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
+    assert "| encoder/0/kernel" in table and "| (64, 64)" in table
+    assert f"Total: {count:,}" in table or f"Total: {count}" in table

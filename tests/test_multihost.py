@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow  # every test here starts processes or trains a wh
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 14  # two epochs of 7 steps (1000 digits, batch 128)
-RUN = ["training.max_steps=14", "training.save_frequency=7", "training.log_frequency=1", "training.num_samples=0",
+RUN = ["training.length.max_steps=14", "training.cadence.save_every=7", "training.cadence.log_every=1", "training.cadence.num_samples=0",
        "training.scheduler.warmup_steps=3"]
 # The same computation, partitioned over processes: all-reduces sum in a different order.
 RTOL, ATOL = 1e-4, 1e-6
@@ -80,8 +80,8 @@ def test_two_processes_match_one_process_with_engine_options_on(tmp_path):
 
     (bf16 compute is left out: it would round the all-reduce's order differences up to bf16's
     precision; its resume is tested bit-identically in test_resume.)"""
-    options = ["training.ema_decay=0.9", "training.grad_accum_steps=2", "training.steps_per_call=3",
-               "training.data_on_device=true", "mesh.data=4", "mesh.fsdp=2"]
+    options = ["training.ema.decay=0.9", "training.performance.grad_accum_steps=2", "training.performance.steps_per_call=3",
+               "training.performance.data_on_device=true", "mesh.data=4", "mesh.fsdp=2"]
     runs = {}
     for processes, devices in ((2, 4), (1, 8)):
         workdir = tmp_path / f"{processes}x{devices}"
@@ -96,7 +96,7 @@ def test_tensor_parallel_dit_on_two_processes_matches_one_process(tmp_path):
     """A DiT with attention heads and MLP split over tensor=2 (fsdp=2, data=2): 2 x 4 == 1 x 8."""
     options = ["model.model_class=dit", "data.normalize=levels", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
                "model.parameters={hidden_size: 32, depth: 1, num_heads: 2, patch_size: 2, num_classes: 10}",
-               "training.max_steps=4"]
+               "training.length.max_steps=4"]
     runs = {}
     for processes, devices in ((2, 4), (1, 8)):
         workdir = tmp_path / f"{processes}x{devices}"
@@ -173,7 +173,7 @@ def test_real_processes_read_disjoint_parts_that_cover_the_split(tmp_path):
 
 
 def test_data_axis_over_hosts_with_dcn_data(tmp_path):
-    run = Launch(2, 4, tmp_path, "mesh.data=2", "mesh.fsdp=4", "mesh.dcn_data=2", "training.max_steps=5")
+    run = Launch(2, 4, tmp_path, "mesh.data=2", "mesh.fsdp=4", "mesh.dcn_data=2", "training.length.max_steps=5")
     assert run.finish() == 0, run.output[-4000:]
     assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in run.output
     assert steps(tmp_path)[-1] == 5

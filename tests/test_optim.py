@@ -1,5 +1,5 @@
 """Schedules (values at chosen steps against hand-written formulas), optimizers, clipping,
-weight decay, ``TrainingConfiguration.effective_optimizer`` and invalid combinations."""
+weight decay, the one clip-norm setting and invalid combinations."""
 
 from __future__ import annotations
 
@@ -432,63 +432,46 @@ def test_lamb_weight_decay_is_decoupled():
     np.testing.assert_allclose(first_update(no_decay, jnp.zeros(3), params), 0.0, atol=0)
 
 
-# --------------------------------------------------------------------------- effective_optimizer
+# --------------------------------------------------------------------------- one clip-norm setting
 
 
-def test_effective_optimizer_folds_training_clip_norm():
+def test_the_old_training_clip_norm_becomes_the_optimizers_with_a_warning():
     optimizer = OptimizerConfiguration(optimizer_type="sgd", learning_rate=1.0, momentum=0.5)
-    training = TrainingConfiguration(optimizer=optimizer, gradient_clip_norm=2.0)
-    effective = training.effective_optimizer()
-    assert effective.gradient_clip_norm == 2.0
-    assert effective.model_dump(exclude={"gradient_clip_norm"}) == optimizer.model_dump(
-        exclude={"gradient_clip_norm"}
-    )
-    assert training.optimizer.gradient_clip_norm is None  # the section itself is not modified
-    tx = create_optimizer(effective, create_schedule(None, 1.0))
+    with pytest.warns(DeprecationWarning, match=r"training.gradient_clip_norm .* use training.optimizer.gradient_clip_norm"):
+        training = TrainingConfiguration(optimizer=optimizer, gradient_clip_norm=2.0)
+    assert training.optimizer.gradient_clip_norm == 2.0
+    assert training.optimizer.model_dump(exclude={"gradient_clip_norm"}) == optimizer.model_dump(exclude={"gradient_clip_norm"})
+    assert "gradient_clip_norm" not in TrainingConfiguration.model_fields  # one setting, not two
+    tx = create_optimizer(training.optimizer, create_schedule(None, 1.0))
     updates = first_update(tx, BIG_GRADS, jax.tree.map(jnp.zeros_like, BIG_GRADS))
     assert global_norm(updates) == pytest.approx(2.0, rel=1e-6)
 
 
-def test_effective_optimizer_without_training_clip_is_the_optimizer():
-    training = TrainingConfiguration(optimizer=OptimizerConfiguration(gradient_clip_value=0.5))
-    assert training.effective_optimizer() == training.optimizer
-    assert training.effective_optimizer().gradient_clip_norm is None
+def test_the_old_training_clip_norm_reaches_every_group_optimizer():
+    groups = {"generator": {"learning_rate": 0.1}, "discriminator": {"learning_rate": 0.2, "gradient_clip_norm": 3.0}}
+    with pytest.warns(DeprecationWarning):
+        training = TrainingConfiguration(optimizers=groups, gradient_clip_norm=3.0)
+    assert {g: o.gradient_clip_norm for g, o in training.optimizers.items()} == {"generator": 3.0, "discriminator": 3.0}
 
 
-def test_effective_optimizer_with_equal_values_is_accepted():
-    training = TrainingConfiguration(
-        optimizer=OptimizerConfiguration(gradient_clip_norm=3.0), gradient_clip_norm=3.0
-    )
-    assert training.effective_optimizer().gradient_clip_norm == 3.0
+def test_equal_clip_norms_in_both_places_are_accepted():
+    with pytest.warns(DeprecationWarning):
+        training = TrainingConfiguration(optimizer=OptimizerConfiguration(gradient_clip_norm=3.0), gradient_clip_norm=3.0)
+    assert training.optimizer.gradient_clip_norm == 3.0
 
 
-def test_effective_optimizer_training_norm_beats_optimizer_clip_value():
-    training = TrainingConfiguration(
-        optimizer=OptimizerConfiguration(optimizer_type="sgd", learning_rate=1.0, gradient_clip_value=0.5),
-        gradient_clip_norm=2.0,
-    )
-    tx = create_optimizer(training.effective_optimizer(), create_schedule(None, 1.0))
+def test_clip_norm_beats_clip_value():
+    optimizer = OptimizerConfiguration(optimizer_type="sgd", learning_rate=1.0, gradient_clip_value=0.5, gradient_clip_norm=2.0)
+    tx = create_optimizer(optimizer, create_schedule(None, 1.0))
     np.testing.assert_allclose(first_update(tx, jnp.array([3.0, 4.0]), jnp.zeros(2)), [-1.2, -1.6], rtol=1e-6)
 
 
 def test_conflicting_clip_norms_are_rejected():
-    with pytest.raises(pydantic.ValidationError, match=r"gradient_clip_norm is 2\.0 here but optimizer"):
-        TrainingConfiguration(
-            optimizer=OptimizerConfiguration(gradient_clip_norm=1.0), gradient_clip_norm=2.0
-        )
-    with pytest.raises(ConfigError) as info:
-        ExperimentConfiguration.from_dict(
-            {"training": {"gradient_clip_norm": 5.0, "optimizer": {"gradient_clip_norm": 1.0}}}
-        )
-    assert "  training: gradient_clip_norm is 5.0 here but optimizer.gradient_clip_norm is 1.0" in str(
-        info.value
-    )
-
-
-def test_conflicting_clip_norm_by_assignment_is_rejected():
-    training = TrainingConfiguration(optimizer=OptimizerConfiguration(gradient_clip_norm=1.0))
-    with pytest.raises(pydantic.ValidationError, match="set only one"):
-        training.gradient_clip_norm = 2.0
+    with pytest.warns(DeprecationWarning), pytest.raises(pydantic.ValidationError, match=r"gradient_clip_norm is 2\.0 but optimizer"):
+        TrainingConfiguration(optimizer=OptimizerConfiguration(gradient_clip_norm=1.0), gradient_clip_norm=2.0)
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError) as info:
+        ExperimentConfiguration.from_dict({"training": {"gradient_clip_norm": 5.0, "optimizer": {"gradient_clip_norm": 1.0}}})
+    assert "  training: gradient_clip_norm is 5.0 but optimizer.gradient_clip_norm is 1.0; set only optimizer.gradient_clip_norm" in str(info.value)
 
 
 # --------------------------------------------------------------------------- invalid combinations
@@ -569,8 +552,8 @@ def test_impossible_values_are_rejected_with_the_field_name(cls, fields, field):
 # --------------------------------------------------------------------------- fields the type ignores
 
 
-COMMON_OPTIMIZER_FIELDS = {"name", "optimizer_type", "learning_rate", "weight_decay", "gradient_clip_norm", "gradient_clip_value"}
-COMMON_SCHEDULER_FIELDS = {"name", "scheduler_type", "warmup_steps"}
+COMMON_OPTIMIZER_FIELDS = {"optimizer_type", "learning_rate", "weight_decay", "gradient_clip_norm", "gradient_clip_value"}
+COMMON_SCHEDULER_FIELDS = {"scheduler_type", "warmup_steps"}
 OPTIMIZER_TYPES = ["adam", "adamw", "sgd", "rmsprop", "adagrad", "lamb"]
 SCHEDULER_TYPES = ["constant", "cosine", "linear", "exponential", "step", "multistep"]
 # A value for each type-specific field that changes the result of every type that reads it.

@@ -6,12 +6,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tests.helpers import digits_images, tiny_model_config
+from tests.helpers import digits_images, tiny_model_config, training_config
 from workshop_dist import parallel
 from workshop_dist.config import ConfigError
 from workshop_dist.models import create_model
 from workshop_dist.parallel import MeshConfiguration
-from workshop_dist.training import Trainer, TrainingConfiguration
+from workshop_dist.training import Trainer
 
 
 def test_mesh_fills_remaining_devices():
@@ -56,7 +56,7 @@ def test_parameter_spec_rules_and_fsdp():
 
 def _trainer(mesh_config=None, batch_size=64, mesh=None, **training):
     model = create_model(tiny_model_config(hidden_dims=[256, 128]), rngs=nnx.Rngs(0))
-    config = TrainingConfiguration(batch_size=batch_size, num_epochs=1, log_frequency=1000, **training)
+    config = training_config(batch_size=batch_size, num_epochs=1, log_every=1000, **training)
     return Trainer(model, config, workdir=None, mesh_config=mesh_config, mesh=mesh)
 
 

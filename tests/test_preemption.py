@@ -19,7 +19,7 @@ STEPS, STOP = 6, 3
 
 
 def make_trainer(workdir, **options):
-    config = TrainingConfiguration(batch_size=64, max_steps=STEPS, log_frequency=1, save_frequency=STEPS, num_samples=0)
+    config = TrainingConfiguration(batch_size=64, length={"max_steps": STEPS}, cadence={"log_every": 1, "save_every": STEPS, "num_samples": 0})
     model = create_model(tiny_model_config(), rngs=nnx.Rngs(0))
     return Trainer(model, config, TRAIN, None, workdir, **options)
 

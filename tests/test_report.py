@@ -169,8 +169,7 @@ def test_best_checkpoint_falls_back_to_metadata_without_eval_events(tmp_path):
 def test_runlog_writes_what_the_report_reads(tmp_path):
     log = RunLog(tmp_path, enabled=True)
     log.started(0, 20, examples_per_step=8, checkpoint_dir=tmp_path / "ckpt")
-    with log.timer("compile", 1):
-        pass
+    log.timed("compile", 0.5, 1, at=1000.0)  # a phase that ended at a given time
     log.timed("train", 2.5, 10)
     log.timed("eval", 0.5, 10, val_loss=float("nan"))
     log.ended(10, "preempted")
@@ -182,6 +181,7 @@ def test_runlog_writes_what_the_report_reads(tmp_path):
         ("start", None, 0), ("time", "compile", 1), ("time", "train", 10), ("time", "eval", 10), ("end", None, 10)
     ]
     assert events[0]["checkpoint_dir"] == str(tmp_path / "ckpt")
+    assert events[1]["time"] == 1000.0 and events[2]["time"] > 1000.0
     assert events[3]["val_loss"] == "nan"
     assert len({e["session"] for e in events}) == 1
     report = compute_report(tmp_path)
@@ -226,7 +226,7 @@ def test_report_after_sigterm_and_resume_end_to_end(tmp_path):
     workdir = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    settings = ["training.num_epochs=3", "training.log_frequency=1", "training.save_frequency=100", "training.num_samples=4"]
+    settings = ["training.num_epochs=3", "training.cadence.log_every=1", "training.cadence.save_every=100", "training.cadence.num_samples=4"]
     command = [sys.executable, "-m", "workshop_dist.cli", "--workdir", str(workdir), *settings]
     run = StreamedProcess(command, env=env, cwd=REPO)
     run.wait_for("train step 5:")

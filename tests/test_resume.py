@@ -114,17 +114,17 @@ def test_sigkill_at_any_moment_even_mid_save_resumes_bit_identically(tmp_path, r
 
 ENGINE_OPTIONS = {
     "ema_accum_bf16_fast": [
-        "training.ema_decay=0.99",
-        "training.grad_accum_steps=2",
+        "training.ema.decay=0.99",
+        "training.performance.grad_accum_steps=2",
         "model.dtype=bfloat16",
-        "training.steps_per_call=3",
-        "training.data_on_device=true",
+        "training.performance.steps_per_call=3",
+        "training.performance.data_on_device=true",
     ],
     "two_optimizers": [
         "model.model_class=tests.engine_models.TwoGroupModel",
         "training.optimizer.gradient_clip_norm=null",
         "training.optimizers={generator: {learning_rate: 0.01}, discriminator: {optimizer_type: sgd, learning_rate: 0.02}}",
-        "training.ema_decay=0.9",
+        "training.ema.decay=0.9",
     ],
 }
 

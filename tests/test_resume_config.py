@@ -20,11 +20,11 @@ def test_identical_configs_have_no_changes():
 
 
 def test_each_changed_leaf_is_named_with_old_and_new_and_classified():
-    old = resolved(*COSINE, "training.max_steps=60")
+    old = resolved(*COSINE, "training.length.max_steps=60")
     new = resolved(
         *COSINE,
-        "training.max_steps=90",
-        "training.log_frequency=5",
+        "training.length.max_steps=90",
+        "training.cadence.log_every=5",
         "model.hidden_dims=[64, 32]",
         "model.parameters={beta: 0.5}",
         "training.optimizer.optimizer_type=sgd",
@@ -33,30 +33,30 @@ def test_each_changed_leaf_is_named_with_old_and_new_and_classified():
     )
     changes = {c.field: c for c in config_diff(old, new)}
     assert set(changes) == {
-        "training.max_steps", "training.log_frequency", "model.hidden_dims", "model.parameters.beta",
+        "training.length.max_steps", "training.cadence.log_every", "model.hidden_dims", "model.parameters.beta",
         "training.optimizer.optimizer_type", "training.seed",
     }  # fmt: skip
-    assert changes["training.max_steps"] == ("training.max_steps", 60, 90)  # a plain (field, old, new) tuple
+    assert changes["training.length.max_steps"] == ("training.length.max_steps", 60, 90)  # a plain (field, old, new) tuple
     assert str(changes["model.hidden_dims"]) == "model.hidden_dims: [256, 128] -> [64, 32]"
     assert str(changes["model.parameters.beta"]) == "model.parameters.beta: (unset) -> 0.5"
     assert changes["model.parameters.beta"].old is MISSING
     kinds = {field: change.kind for field, change in changes.items()}
     assert kinds == {
-        "training.max_steps": "schedule", "training.log_frequency": "harmless", "model.hidden_dims": "shape",
+        "training.length.max_steps": "schedule", "training.cadence.log_every": "harmless", "model.hidden_dims": "shape",
         "model.parameters.beta": "model", "training.optimizer.optimizer_type": "shape", "training.seed": "data",
     }  # fmt: skip
     text = format_changes(list(changes.values()))
     lines = text.splitlines()
     assert len(lines) == 6
-    assert "  training.log_frequency: 100 -> 5" in lines  # harmless: no kind shown
+    assert "  training.cadence.log_every: 100 -> 5" in lines  # harmless: no kind shown
     assert "  model.hidden_dims: [256, 128] -> [64, 32]  [shape]" in lines
 
 
 @pytest.mark.parametrize(
     ("field", "old", "new", "kind"),
     [
-        ("training.ema_decay", None, 0.99, "shape"),  # EMA state appears
-        ("training.ema_decay", 0.99, 0.999, "harmless"),  # same arrays
+        ("training.ema.decay", None, 0.99, "shape"),  # EMA state appears
+        ("training.ema.decay", 0.99, 0.999, "harmless"),  # same arrays
         ("training.optimizer.gradient_clip_norm", None, 1.0, "shape"),  # one more link in the optax chain
         ("training.optimizer.gradient_clip_norm", 10.0, 1.0, "harmless"),
         ("training.optimizer.momentum", 0.0, 0.9, "shape"),
@@ -84,7 +84,7 @@ def training(*overrides: str) -> dict:
 
 
 def test_an_extended_cosine_run_is_named_and_kept_continuous():
-    old, new = training(*COSINE, "training.max_steps=60"), training(*COSINE, "training.max_steps=90")
+    old, new = training(*COSINE, "training.length.max_steps=60"), training(*COSINE, "training.length.max_steps=90")
     (change,) = schedule_changes(old, new, step=50, steps_per_epoch=7)
     old_schedule = create_schedule(TrainingConfiguration(**old).scheduler, 1e-3, 60)
     new_schedule = create_schedule(TrainingConfiguration(**new).scheduler, 1e-3, 90)
@@ -116,15 +116,15 @@ def test_a_linear_schedule_pins_total_steps_and_groups_are_handled_each():
 
 
 def test_deliberate_changes_are_named_without_overrides():
-    old = training(*COSINE, "training.max_steps=60")
-    new_rate = training(*COSINE, "training.max_steps=60", "training.optimizer.learning_rate=5e-4")
+    old = training(*COSINE, "training.length.max_steps=60")
+    new_rate = training(*COSINE, "training.length.max_steps=60", "training.optimizer.learning_rate=5e-4")
     (change,) = schedule_changes(old, new_rate, step=30, steps_per_epoch=7)
     assert change.overrides == {} and change.after == pytest.approx(change.before / 2)
     explicit = "training.scheduler={scheduler_type: cosine, warmup_steps: 5, min_lr_ratio: 0.1, cycle_length: 60}"
     # The length is set explicitly: a longer run does not move the schedule at all.
-    assert schedule_changes(training(explicit, "training.max_steps=60"), training(explicit, "training.max_steps=90"), 40, 7) == []
+    assert schedule_changes(training(explicit, "training.length.max_steps=60"), training(explicit, "training.length.max_steps=90"), 40, 7) == []
     # A constant schedule does not depend on the run length.
-    assert schedule_changes(training("training.max_steps=60"), training("training.max_steps=90"), 40, 7) == []
+    assert schedule_changes(training("training.length.max_steps=60"), training("training.length.max_steps=90"), 40, 7) == []
 
 
 def test_the_checkpoints_config_is_read_before_anything_is_built(tmp_path):
@@ -133,11 +133,11 @@ def test_the_checkpoints_config_is_read_before_anything_is_built(tmp_path):
 
     assert saved_config(tmp_path / "none") is None
     manager = CheckpointManager(tmp_path)
-    old, new = resolved(*COSINE, "training.max_steps=60"), resolved(*COSINE, "training.max_steps=90")
+    old, new = resolved(*COSINE, "training.length.max_steps=60"), resolved(*COSINE, "training.length.max_steps=90")
     manager.save(4, {"w": np.arange(3.0)}, metadata={"step": 4}, config=old)
     manager.save(8, {"w": np.arange(3.0)}, metadata={"step": 8})  # no config item
     manager.close()
     (tmp_path / "12.orbax-checkpoint-tmp").mkdir()  # a killed save
     step, config = saved_config(tmp_path)
     assert step == 4 and config == old
-    assert [str(c) for c in config_diff(config, new)] == ["training.max_steps: 60 -> 90"]
+    assert [str(c) for c in config_diff(config, new)] == ["training.length.max_steps: 60 -> 90"]

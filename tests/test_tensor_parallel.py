@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from workshop_dist import ModelConfiguration, Trainer, TrainingConfiguration, create_model
+from tests.helpers import training_config
+from workshop_dist import ModelConfiguration, Trainer, create_model
 from workshop_dist.data.digits import load_digits_split
 from workshop_dist.parallel import MeshConfiguration
 
@@ -21,8 +22,8 @@ DIT = ModelConfiguration(
 def one_step(mesh_config: MeshConfiguration, devices: list) -> Trainer:
     from workshop_dist import parallel
 
-    config = TrainingConfiguration(batch_size=32, max_steps=1, num_samples=0, log_frequency=1,
-                                   optimizer={"optimizer_type": "adam", "learning_rate": 1e-3})
+    config = training_config(batch_size=32, max_steps=1, num_samples=0, log_every=1,
+                             optimizer={"optimizer_type": "adam", "learning_rate": 1e-3})
     mesh = parallel.make_mesh(mesh_config, devices=devices)
     trainer = Trainer(create_model(DIT, rngs=nnx.Rngs(0)), config, LEVELS, None, None, mesh=mesh, mesh_config=mesh_config)
     trainer.train_epoch()

@@ -182,15 +182,20 @@ def run_two(tmp_path: Path, phase: str) -> list[str]:
 
 
 def result(output: str) -> str:
-    return next(line for line in output.splitlines() if line.startswith("RESTORED"))
+    """The RESTORED line, and any warning the process logged (a local save that failed under load)."""
+    lines = output.splitlines()
+    restored = next(line for line in lines if line.startswith("RESTORED"))
+    warnings = [line for line in lines if "WARNING" in line or "Could not" in line]
+    return " | ".join([restored, *warnings])
 
 
 @pytest.mark.slow
 def test_two_processes_restore_local_only_when_both_have_it(tmp_path):
-    run_two(tmp_path, "save")  # local at 1..4 (keeps 3, 4), persistent at 2
+    saved = run_two(tmp_path, "save")  # local at 1..4 (keeps 3, 4), persistent at 2
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["process_0-of-2", "process_1-of-2"]
+    on_disk = {p.name: sorted(s.name for s in p.iterdir()) for p in (tmp_path / "local").iterdir()}
     outputs = run_two(tmp_path, "restore")
-    assert [result(o) for o in outputs] == ["RESTORED step=4 tier=local exact=True"] * 2
+    assert [result(o) for o in outputs] == ["RESTORED step=4 tier=local exact=True"] * 2, (on_disk, saved)
 
     shutil.rmtree(tmp_path / "local" / "process_1-of-2" / "4")  # process 1 lost its newest local step
     outputs = run_two(tmp_path, "restore")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from tests.helpers import digits_images, tiny_model_config
-from workshop_dist import MetricsLogger, Trainer, TrainingConfiguration, create_model
+from tests.helpers import digits_images, tiny_model_config, training_config
+from workshop_dist import MetricsLogger, Trainer, create_model
 from workshop_dist.config import ConfigError
 from workshop_dist.experiment import ExperimentConfiguration
 from workshop_dist.logging_config import LoggingConfiguration
@@ -114,7 +114,7 @@ def jsonl_rows(log_dir: Path) -> list[dict]:
 
 
 def make_trainer(workdir: Path, epochs: int) -> Trainer:
-    training = TrainingConfiguration(batch_size=64, num_epochs=epochs, steps_per_epoch=4, log_frequency=2, num_samples=4)
+    training = training_config(batch_size=64, num_epochs=epochs, steps_per_epoch=4, log_every=2, num_samples=4)
     model = create_model(tiny_model_config(), rngs=nnx.Rngs(0))
     metrics_logger = MetricsLogger(workdir / "logs", config=LoggingConfiguration(**WANDB))
     return Trainer(

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import workshop_dist
-from tests.helpers import digits_images, tiny_model_config
-from workshop_dist import ModelConfiguration, Trainer, TrainingConfiguration, create_model
+from tests.helpers import digits_images, tiny_model_config, training_config
+from workshop_dist import ModelConfiguration, Trainer, create_model
 from workshop_dist.checkpoint import CheckpointError
 from workshop_dist.optim import OptimizerConfiguration
 from workshop_dist.parallel import MeshConfiguration
@@ -20,9 +20,9 @@ VAL = digits_images("validation")
 
 
 def make_trainer(train=TRAIN, val=VAL, workdir=None, model=None, mesh=None, **training):
-    settings = {"batch_size": 64, "num_epochs": 1, "log_frequency": 5, **training}
+    settings = {"batch_size": 64, "num_epochs": 1, "log_every": 5, **training}
     model = model or create_model(tiny_model_config(), rngs=nnx.Rngs(0))
-    return Trainer(model, TrainingConfiguration(**settings), train, val, workdir, mesh_config=mesh)
+    return Trainer(model, training_config(**settings), train, val, workdir, mesh_config=mesh)
 
 
 def quadratic_model():
@@ -104,7 +104,7 @@ def test_a_bare_array_batch_is_the_image():
 
 
 def test_metrics_are_read_once_per_log_interval_not_every_step(monkeypatch):
-    trainer = make_trainer(log_frequency=5, steps_per_epoch=15, train=lambda b: [{"image": TRAIN[:b]}] * 15)
+    trainer = make_trainer(log_every=5, steps_per_epoch=15, train=lambda b: [{"image": TRAIN[:b]}] * 15)
     calls = []
     real_device_get = jax.device_get
     monkeypatch.setattr(trainer_module.jax, "device_get", lambda x: calls.append(1) or real_device_get(x))
@@ -115,7 +115,7 @@ def test_metrics_are_read_once_per_log_interval_not_every_step(monkeypatch):
 
 def test_log_callback_receives_train_and_val_metrics(tmp_path):
     seen = []
-    trainer = make_trainer(log_frequency=5, workdir=tmp_path, num_samples=0)
+    trainer = make_trainer(log_every=5, workdir=tmp_path, num_samples=0)
     trainer.log_callback = lambda step, metrics, prefix: seen.append((step, prefix, metrics["loss"]))
     trainer.fit()
     assert [s for s, p, _ in seen if p == "train"][:3] == [5, 10, 15]
@@ -215,7 +215,7 @@ def test_nan_loss_stops_and_names_the_step():
     bad = TRAIN[:64].copy()
     bad[3, 0, 0, 0] = np.nan
     batches = [{"image": TRAIN[:64]}] * 3 + [{"image": bad}] + [{"image": TRAIN[:64]}] * 2
-    trainer = make_trainer(train=lambda b: batches, log_frequency=2)
+    trainer = make_trainer(train=lambda b: batches, log_every=2)
     with pytest.raises(trainer_module.NonFiniteLossError, match="at step 4"):
         trainer.train_epoch()
 

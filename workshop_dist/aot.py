@@ -256,6 +256,7 @@ def compile_for_target(config: Any, target: Target | str) -> AotReport:
 
     from workshop_dist import parallel
     from workshop_dist.training.engine import Engine
+    from workshop_dist.training.plan import make_plan
 
     target = parse_target(target) if isinstance(target, str) else target
     libtpu_version = check_libtpu()
@@ -267,7 +268,7 @@ def compile_for_target(config: Any, target: Target | str) -> AotReport:
     mesh = parallel.make_mesh(mesh_config, devices=devices)
     training = config.training
     parallel.check_batch_size(training.batch_size, mesh)
-    parallel.check_batch_size(training.batch_size // training.grad_accum_steps, mesh)
+    parallel.check_batch_size(training.batch_size // training.performance.grad_accum_steps, mesh)
 
     example_spec, num_examples, note = _example_spec(config)
     notes += [note] if note else []
@@ -275,22 +276,18 @@ def compile_for_target(config: Any, target: Target | str) -> AotReport:
     if steps_per_epoch == 0:
         notes.append(f"note: the training split has {num_examples} examples, fewer than one batch of {training.batch_size}.")
     # The schedule's length changes nothing compiled: without a real one, a notional long run.
-    total_steps = training.total_steps(steps_per_epoch) if steps_per_epoch else training.max_steps or 100_000
-    engine = Engine(config.model, training, mesh, mesh_config, total_steps, abstract=True)
-    batch = {
-        key: jax.ShapeDtypeStruct((training.batch_size, *spec.shape), spec.dtype, sharding=engine.batch_sharding)
-        for key, spec in example_spec.items()
-    }
-    engine.build(batch)
-    stacked = {key: jax.ShapeDtypeStruct((1, *s.shape), s.dtype, sharding=engine.stacked_sharding) for key, s in batch.items()}
+    total_steps = training.total_steps(steps_per_epoch) if steps_per_epoch else training.length.max_steps or 100_000
+    spec = {key: jax.ShapeDtypeStruct((training.batch_size, *s.shape), s.dtype) for key, s in example_spec.items()}
+    engine = Engine(make_plan(config.model, training, total_steps), mesh, mesh_config, spec, abstract=True)
+    batch = engine.batch_spec
     state_bytes, batch_bytes = _bytes_per_chip(engine.state_shapes), _bytes_per_chip(batch)
     parameters = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(engine.state_shapes.params))
-    if "bfloat16" not in (training.precision, config.model.dtype):
+    if "bfloat16" not in (training.performance.precision, config.model.dtype):
         notes.append("note: model.dtype=float32: TPU matmuls run slower in f32 than the bf16 peak assumed here.")
 
     start = time.perf_counter()
     try:
-        compiled = engine.lower(engine.state_shapes, stacked).compile()
+        compiled = engine.lower().compile()
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -364,11 +361,11 @@ def _shortfall(target: Target, config: Any, mesh: dict[str, int], state: int, to
         f"(now fsdp={mesh['fsdp']}; state per chip would be about {sharded})"
     ) if mesh["fsdp"] < target.chips_per_slice else None
     fsdp_first = shard is not None and state > hbm * 0.3
-    accum = config.training.grad_accum_steps
+    accum = config.training.performance.grad_accum_steps
     others = [
         "model.remat=full (recompute block activations in the backward pass; models with repeated blocks)"
         if config.model.remat == "none" else None,
-        f"training.grad_accum_steps={accum * 2} (now {accum}: the same batch in smaller micro-batches)",
+        f"training.performance.grad_accum_steps={accum * 2} (now {accum}: the same batch in smaller micro-batches)",
         f"a smaller training.batch_size (now {config.training.batch_size})",
     ]
     fixes = [shard, *others] if fsdp_first else [*others, shard]

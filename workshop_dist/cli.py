@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def load_config(path: str | None, overrides: list[str]):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Show the configuration's deprecation notices (old field names) to the person running the command.
+    warnings.filterwarnings("default", message=r".* is deprecated and will be removed", category=DeprecationWarning)
     from workshop_dist.backends import skip_idle_tpu_backend
 
     skip_idle_tpu_backend()  # before JAX starts its backends: libtpu off a TPU host stays silent
@@ -107,10 +110,9 @@ def run(args: argparse.Namespace) -> int:
     from workshop_dist import distributed
 
     distributed.initialize(config.distributed)  # before anything else touches the devices
-    enable_compilation_cache(config.training.compilation_cache_dir)
+    from workshop_dist import compilation, data, parallel, storage
 
-
-    from workshop_dist import data, parallel, storage
+    compilation.enable_cache(config.compilation)
     from workshop_dist.metrics import Logger, MetricsLogger
     from workshop_dist.training import Trainer
     from workshop_dist.training.preemption import PreemptionWatcher
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         progress_bar=sys.stderr.isatty() and not quiet,
     )
     try:
-        _resume_or_start(trainer, training, args.restore or training.restore_from, logger)
+        _resume_or_start(trainer, training, args.restore or training.checkpoint.restore_from, logger)
         if distributed.is_primary():
             if not storage.is_remote(workdir):  # a bucket has no directories to make
                 workdir.mkdir(parents=True, exist_ok=True)
@@ -169,22 +171,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  samples      {final}")
         print(f"  config       {workdir / 'config.yaml'}")
     return 0
-
-
-def enable_compilation_cache(directory: str | None) -> None:
-    """JAX's persistent compilation cache: a restarted job reuses its compiled programs.
-
-    A cache directory already given to JAX (``JAX_COMPILATION_CACHE_DIR``) wins.
-    """
-    import jax
-
-    if directory is None or jax.config.jax_compilation_cache_dir:
-        return
-
-    path = Path(directory).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)  # skip trivial programs
 
 
 def plot_schedule(training, steps_per_epoch: int | None, out: Path) -> int:
@@ -256,11 +242,11 @@ def _resume_or_start(trainer, training, restore_path: str | None, logger) -> Non
     from workshop_dist.config import ConfigError
 
     existing = trainer.checkpoints.all_steps()
-    if existing and not training.resume:
+    if existing and not training.checkpoint.resume:
         raise ConfigError(
             f"{trainer.checkpoint_dir} already holds checkpoints (latest step {existing[-1]}) and "
-            "training.resume=false: refusing to overwrite them. Use a new --workdir, delete the old one, "
-            "or drop training.resume=false to continue that run."
+            "training.checkpoint.resume=false: refusing to overwrite them. Use a new --workdir, delete the old "
+            "one, or drop training.checkpoint.resume=false to continue that run."
         )
     if existing:
         step = trainer.restore()

@@ -76,6 +76,21 @@ class StrictConfig(pydantic.BaseModel):
             raise ConfigError(format_validation_error(err, cls.__name__)) from None
 
 
+def ignored_fields(*names: str) -> Any:
+    """A before-validator accepting ``names`` and dropping them (no state is kept for them).
+
+    For fields the original design's API passes that nothing reads (e.g. ``name=``).
+    Assign it to a class attribute: ``_ignore_name = ignored_fields("name")``.
+    """
+
+    def drop(cls: type, data: Any) -> Any:
+        if isinstance(data, dict) and any(name in data for name in names):
+            data = {key: value for key, value in data.items() if key not in names}
+        return data
+
+    return pydantic.model_validator(mode="before")(classmethod(drop))
+
+
 def unknown_field_message(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""

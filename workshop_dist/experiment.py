@@ -6,6 +6,7 @@ from typing import Any
 
 import pydantic
 
+from workshop_dist.compilation import CompilationConfiguration
 from workshop_dist.config import StrictConfig
 from workshop_dist.data import DataConfiguration
 from workshop_dist.distributed import DistributedConfiguration
@@ -14,6 +15,7 @@ from workshop_dist.models import ModelConfiguration
 from workshop_dist.models.config import DataSpec
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.training import TrainingConfiguration
+from workshop_dist.training.config import deprecated
 
 
 class ExperimentConfiguration(StrictConfig):
@@ -25,6 +27,19 @@ class ExperimentConfiguration(StrictConfig):
     mesh: MeshConfiguration = pydantic.Field(default_factory=MeshConfiguration)
     distributed: DistributedConfiguration = pydantic.Field(default_factory=DistributedConfiguration)
     logging: LoggingConfiguration = pydantic.Field(default_factory=LoggingConfiguration)
+    compilation: CompilationConfiguration = pydantic.Field(default_factory=CompilationConfiguration)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _compilation_cache_moved(cls, data: Any) -> Any:
+        """``training.compilation_cache_dir`` of earlier releases is ``compilation.cache_dir`` now."""
+        training = data.get("training") if isinstance(data, dict) else None
+        if not isinstance(training, dict) or "compilation_cache_dir" not in training:
+            return data
+        training = dict(training)
+        cache_dir = training.pop("compilation_cache_dir")
+        deprecated("training.compilation_cache_dir", "compilation.cache_dir")
+        return {**data, "training": training, "compilation": {**(data.get("compilation") or {}), "cache_dir": cache_dir}}
 
     @pydantic.model_validator(mode="before")
     @classmethod

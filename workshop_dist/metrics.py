@@ -91,7 +91,6 @@ class MetricsLogger:
         log_dir: str | Path,
         *,
         enabled: bool | None = None,
-        asynchronous: bool = True,
         config: LoggingConfiguration | None = None,
     ):
         self.log_dir = storage.as_path(log_dir, absolute=False)
@@ -112,8 +111,7 @@ class MetricsLogger:
             else:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
             if "tensorboard" in trackers:
-                # Event files without TensorFlow (CLU's writers import it, and it pins protobuf);
-                # writes are cheap and synchronous, so ``asynchronous`` changes nothing now.
+                # Event files without TensorFlow (CLU's writers import it, and it pins protobuf).
                 from workshop_dist.event_writer import EventWriter
 
                 self._writer = EventWriter(local_dir)

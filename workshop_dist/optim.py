@@ -30,13 +30,13 @@ import jax.numpy as jnp
 import optax
 import pydantic
 
-from workshop_dist.config import ConfigError, StrictConfig
+from workshop_dist.config import ConfigError, StrictConfig, ignored_fields
 
 OptimizerType = Literal["adam", "adamw", "sgd", "rmsprop", "adagrad", "lamb"]
 SchedulerType = Literal["constant", "cosine", "linear", "exponential", "step", "multistep"]
 
 # Which types read each type-specific field (read off create_optimizer / create_schedule).
-# Every other field (learning_rate, weight_decay, clipping, warmup_steps, name) applies to all.
+# Every other field (learning_rate, weight_decay, clipping, warmup_steps) applies to all.
 OPTIMIZER_FIELD_USERS: dict[str, tuple[str, ...]] = {
     "beta1": ("adam", "adamw", "lamb"),
     "beta2": ("adam", "adamw", "lamb"),
@@ -114,9 +114,12 @@ def _field_used_validator(type_field: str, users: dict[str, Any]) -> Any:
 
 
 class OptimizerConfiguration(StrictConfig):
-    """Which optax optimizer, its hyperparameters and gradient clipping."""
+    """Which optax optimizer, its hyperparameters and gradient clipping.
 
-    name: str = "adam"
+    ``gradient_clip_norm`` is the run's one clip-norm setting (per optimizer). ``name`` is accepted
+    (the original design passes it) and ignored.
+    """
+
     optimizer_type: OptimizerType = "adam"
     learning_rate: float = pydantic.Field(1e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = pydantic.Field(
@@ -134,6 +137,7 @@ class OptimizerConfiguration(StrictConfig):
     gradient_clip_value: float | None = pydantic.Field(None, gt=0, description="Clip each gradient to [-v, v].")
 
     _used_by_type = _field_used_validator("optimizer_type", OPTIMIZER_FIELD_USERS)
+    _ignore_name = ignored_fields("name")
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> OptimizerConfiguration:
@@ -144,9 +148,8 @@ class OptimizerConfiguration(StrictConfig):
 
 
 class SchedulerConfiguration(StrictConfig):
-    """Learning-rate schedule; see the module docstring for each type's exact shape."""
+    """Learning-rate schedule; see the module docstring for each type's exact shape (``name`` is ignored)."""
 
-    name: str = "constant"
     scheduler_type: SchedulerType = "constant"
     warmup_steps: int = pydantic.Field(0, ge=0)
     cycle_length: int | None = pydantic.Field(None, gt=0, description="cosine: step where the minimum is reached.")
@@ -160,6 +163,7 @@ class SchedulerConfiguration(StrictConfig):
     staircase: bool = False
 
     _used_by_type = _field_used_validator("scheduler_type", SCHEDULER_FIELD_USERS)
+    _ignore_name = ignored_fields("name")
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> SchedulerConfiguration:

@@ -15,7 +15,7 @@ item). At the next start, :func:`config_diff` lists the fields that differ as
 - ``harmless``: logging, checkpointing, names, performance knobs.
 
 Learning-rate continuity. A cosine or linear schedule whose length is not set follows the
-run's length, so extending a run (``training.max_steps`` 60 -> 90) would re-stretch it and
+run's length, so extending a run (``training.length.max_steps`` 60 -> 90) would re-stretch it and
 make the learning rate jump back up at the resume step. :func:`schedule_changes` names the
 learning rate before and after at the resume step and gives the overrides that keep it
 continuous: the schedule keeps its original length (``scheduler.cycle_length`` /
@@ -47,6 +47,7 @@ MISSING: Any = _Missing()  # a field one of the two configs does not have
 _RULES: tuple[tuple[str, ChangeKind], ...] = (
     ("model.name", "harmless"),
     ("model.remat", "harmless"),
+    ("model.dtype", "data"),
     ("model.parameters.*", "model"),
     ("model.parameters", "model"),
     ("model.*", "shape"),
@@ -58,19 +59,18 @@ _RULES: tuple[tuple[str, ChangeKind], ...] = (
     ("training.optimizer.learning_rate", "schedule"),
     ("training.scheduler*", "schedule"),
     ("training.num_epochs", "schedule"),
-    ("training.max_steps", "schedule"),
-    ("training.steps_per_epoch", "schedule"),
+    ("training.length.max_steps", "schedule"),
+    ("training.length.steps_per_epoch", "schedule"),
     ("training.batch_size", "data"),
     ("training.seed", "data"),
     ("data.*", "data"),
     ("mesh.*", "data"),
-    ("training.grad_accum_steps", "data"),
-    ("training.precision", "data"),
+    ("training.performance.grad_accum_steps", "data"),
+    ("training.performance.precision", "data"),
 )
 # Switching these between "off" (None / 0 / False) and "on" adds or removes optimizer or EMA state.
 _ON_OFF_SHAPE = (
-    "training.ema_decay",
-    "training.gradient_clip_norm",
+    "training.ema.decay",
     "training.optimizer.gradient_clip_norm",
     "training.optimizer.gradient_clip_value",
     "training.optimizer.weight_decay",

@@ -21,14 +21,12 @@ killed (SIGKILL, out of memory, a lost host).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any, Literal
 
 from etils import epath
@@ -49,8 +47,8 @@ def events_path(workdir: str | os.PathLike) -> epath.Path:
 class RunLog:
     """Appends this process start's events to ``WORKDIR/logs/run_events.jsonl``.
 
-    The training engine calls :meth:`started` once it knows where it starts, :meth:`timed`
-    after each timed phase, and :meth:`ended` when it stops for any reason. On processes
+    The Trainer calls :meth:`started` once it knows where it starts and :meth:`ended` when it
+    stops for any reason; its run-log hook calls :meth:`timed` for each timed phase. On processes
     other than 0 (``enabled=False``) every call does nothing, so callers need no checks.
     """
 
@@ -93,14 +91,17 @@ class RunLog:
         )
 
     def timed(
-        self, kind: Kind, seconds: float, step: int, *, val_loss: float | None = None, tier: str | None = None
+        self, kind: Kind, seconds: float, step: int, *, val_loss: float | None = None, at: float | None = None,
+        tier: str | None = None,
     ) -> None:
-        """``seconds`` spent on ``kind`` ending at ``step``.
+        """``seconds`` spent on ``kind`` ending at ``step`` (at Unix time ``at``, default now); a
+        ``restore`` names the checkpoint ``tier`` it read (local or persistent) when there are tiers.
 
         ``train`` is the time of the steps since the last ``train`` event (log it at every
         metrics read, so the log also shows progress), without compilation (log that as
         ``compile``); ``save`` is the time the loop was blocked by a save; ``eval`` carries the
         validation loss. The kinds must not overlap: the report adds them up against wall time.
+        The training clock (:mod:`workshop_dist.training.clock`) measures them all.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown timing kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -109,16 +110,7 @@ class RunLog:
             fields["val_loss"] = float(val_loss) if math.isfinite(val_loss) else str(val_loss)
         if tier is not None:
             fields["tier"] = tier
-        self._write("time", step, **fields)
-
-    @contextlib.contextmanager
-    def timer(self, kind: Kind, step: int, **details: Any) -> Iterator[None]:
-        """``with runlog.timer("save", step): ...`` logs the block's duration (also when it raises)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timed(kind, time.perf_counter() - start, step, **details)
+        self._write("time", step, at=at, **fields)
 
     def ended(self, step: int, reason: Reason, detail: str | None = None) -> None:
         """Training stops at ``step``: ``finished``, ``preempted`` (saved, exits 75) or ``error``.
@@ -132,10 +124,10 @@ class RunLog:
         self._ended = True
         self._write("end", step, reason=reason, detail=detail)
 
-    def _write(self, event: str, step: int, **fields: Any) -> None:
+    def _write(self, event: str, step: int, *, at: float | None = None, **fields: Any) -> None:
         if not self.enabled:
             return
-        record = {"event": event, "time": time.time(), "session": self.session, "step": int(step), **fields}
+        record = {"event": event, "time": time.time() if at is None else at, "session": self.session, "step": int(step), **fields}
         # Open, append, close: each line is on disk before the next step runs (on gs://,
         # which cannot append, storage rewrites the small object whole).
         storage.append_text(self.path, json.dumps(record) + "\n")

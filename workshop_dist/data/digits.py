@@ -17,28 +17,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
+from workshop_dist.data.sklearn_digits import MAX_LEVEL, SPLITS, TFDS_NAME, TFDS_VERSION, load_digits_split
 
-SPLITS: dict[str, slice] = {
-    "train": slice(0, 1000),
-    "validation": slice(1000, 1350),
-    "test": slice(1350, 1797),
-}
-MAX_LEVEL = 16  # digits pixels are integers 0..16
-TFDS_NAME = "workshop_digits"
-TFDS_VERSION = "1.0.0"
-
-
-def load_digits_split(split: str) -> dict[str, np.ndarray]:
-    """Return ``{"image": uint8 [N, 8, 8, 1] in 0..16, "label": int64 [N]}`` for a split."""
-    from sklearn.datasets import load_digits
-
-    if split not in SPLITS:
-        raise ValueError(f"unknown digits split '{split}': choose one of {sorted(SPLITS)}")
-    bunch = load_digits()
-    part = SPLITS[split]
-    images = bunch.images[part].astype(np.uint8)[..., None]
-    return {"image": images, "label": bunch.target[part].astype(np.int64)}
+__all__ = ["MAX_LEVEL", "SPLITS", "TFDS_NAME", "TFDS_VERSION", "is_prepared", "load_digits_split", "prepare_digits"]
 
 
 def is_prepared(data_dir: str | Path) -> bool:

@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from workshop_dist.data.digits import SPLITS, TFDS_VERSION, load_digits_split
+from workshop_dist.data.sklearn_digits import SPLITS, TFDS_VERSION, load_digits_split
 
 
 class WorkshopDigits(tfds.core.GeneratorBasedBuilder):

@@ -83,14 +83,14 @@ class ModelConfiguration(StrictConfig):
         return value
 
     def with_precision(self, precision: str | None) -> ModelConfiguration:
-        """This config with ``training.precision`` (the deprecated spelling of ``model.dtype``) resolved."""
+        """This config with ``training.performance.precision`` (the deprecated spelling of ``model.dtype``) resolved."""
         if precision in (None, "float32") or precision == self.dtype:
             if precision not in (None, "float32"):
                 _warn_precision()
             return self
         if "dtype" in self.model_fields_set:
             raise ConfigError(
-                f"training.precision={precision} and model.dtype={self.dtype} disagree: set only model.dtype"
+                f"training.performance.precision={precision} and model.dtype={self.dtype} disagree: set only model.dtype"
             )
         _warn_precision()
         return self.model_copy(update={"dtype": precision})
@@ -98,7 +98,7 @@ class ModelConfiguration(StrictConfig):
 
 def _warn_precision() -> None:
     warnings.warn(
-        "training.precision is deprecated and will be removed in the next release; set model.dtype "
+        "training.performance.precision is deprecated and will be removed in the next release; set model.dtype "
         "(the compute dtype the model is built with)",
         DeprecationWarning,
         stacklevel=3,

@@ -1,7 +1,9 @@
-"""Training: configuration, state, the pure step functions and the Trainer."""
+"""Training: configuration, state, the pure step functions, the loop and its hooks, and the Trainer."""
 
 from workshop_dist.training.config import TrainingConfiguration
+from workshop_dist.training.hooks import Every
+from workshop_dist.training.loop import StepInfo
 from workshop_dist.training.state import TrainingState
 from workshop_dist.training.trainer import NonFiniteLossError, Trainer
 
-__all__ = ["NonFiniteLossError", "Trainer", "TrainingConfiguration", "TrainingState"]
+__all__ = ["Every", "NonFiniteLossError", "StepInfo", "Trainer", "TrainingConfiguration", "TrainingState"]

@@ -1,14 +1,33 @@
-"""Configuration of the training run (the ``training`` section), as in the original design."""
+"""Configuration of the training run (the ``training`` section), as in the original design.
+
+The original design's names stay at the top (``name``, ``batch_size``, ``num_epochs``,
+``optimizer``, ``scheduler``) with the seed, the per-group ``optimizers`` and the NaN policy;
+everything else sits in a section that says what it is::
+
+    length       how long: max_steps, steps_per_epoch
+    cadence      when the periodic actions run: log_every, eval_every, save_every, num_samples, profile_steps
+    ema          the params' moving average: decay, start_step, for_eval
+    performance  same result, other speed or memory: precision, grad_accum_steps, steps_per_call,
+                 data_on_device, max_steps_in_flight
+    checkpoint   where and how checkpoints are written, and where a run starts from
+
+The older flat names (``log_frequency``, ``ema_decay``, ``grad_accum_steps``, ...) still work for
+one release, with a DeprecationWarning naming the new place (:data:`MOVED`). The one clip-norm
+setting is ``optimizer.gradient_clip_norm`` (each group's own with ``optimizers``);
+``training.gradient_clip_norm`` is folded into it, with a warning.
+"""
 
 from __future__ import annotations
 
+import inspect
+import os
 import warnings
 from typing import Any, Literal
 
 import pydantic
 
 from workshop_dist.checkpoint import DEPRECATED_ALIASES, CheckpointConfiguration
-from workshop_dist.config import StrictConfig
+from workshop_dist.config import StrictConfig, ignored_fields
 from workshop_dist.optim import OptimizerConfiguration, SchedulerConfiguration
 
 
@@ -20,59 +39,60 @@ class GroupOptimizerConfiguration(OptimizerConfiguration):
     )
 
 
-class TrainingConfiguration(StrictConfig):
-    """Batch size, run length, optimizer/schedule, and when to log, evaluate and checkpoint."""
+class LengthConfiguration(StrictConfig):
+    """How long the run is: ``num_epochs`` x ``steps_per_epoch``, capped by ``max_steps``."""
 
-    name: str = "training"
-    batch_size: int = pydantic.Field(128, gt=0, description="Global batch size (all devices, all hosts).")
-    num_epochs: int = pydantic.Field(10, gt=0)
-    optimizer: OptimizerConfiguration = pydantic.Field(default_factory=OptimizerConfiguration)
-    scheduler: SchedulerConfiguration | None = None
-    gradient_clip_norm: float | None = pydantic.Field(
-        None, gt=0, description="Global-norm clipping; same as optimizer.gradient_clip_norm."
-    )
-    save_frequency: int = pydantic.Field(1000, gt=0, description="Save a checkpoint every this many steps.")
-    log_frequency: int = pydantic.Field(100, gt=0, description="Read and write metrics every this many steps.")
-    eval_frequency: int | None = pydantic.Field(
-        None, gt=0, description="Evaluate every this many steps (default: at the end of each epoch)."
-    )
     max_steps: int | None = pydantic.Field(None, gt=0, description="Stop after this many steps in total.")
     steps_per_epoch: int | None = pydantic.Field(
         None, gt=0, description="Steps per epoch (default: derived from the data set size)."
     )
-    seed: int = pydantic.Field(0, description="Seeds parameter init, data order and the per-step rng.")
-    nan_policy: Literal["stop", "skip"] = pydantic.Field(
-        "stop",
-        description="On a non-finite loss/gradient: stop the run (no checkpoint of the broken state is "
-        "written), or skip that update and go on.",
+
+
+class CadenceConfiguration(StrictConfig):
+    """When the loop's periodic actions run (in optimizer steps)."""
+
+    log_every: int = pydantic.Field(100, gt=0, description="Read and write metrics every this many steps.")
+    eval_every: int | None = pydantic.Field(
+        None, gt=0, description="Evaluate every this many steps (default: at the end of each epoch)."
     )
-    num_samples: int = pydantic.Field(64, ge=0, description="Images in each sample grid (0: none).")
-    resume: bool = pydantic.Field(
-        True, description="Continue from the workdir's latest checkpoint; false refuses to touch existing ones."
+    save_every: int = pydantic.Field(1000, gt=0, description="Save a checkpoint every this many steps.")
+    num_samples: int = pydantic.Field(64, ge=0, description="Images in the sample grid written at each evaluation (0: none).")
+    profile_steps: tuple[int, int] | None = pydantic.Field(
+        None, description="(first step, number of steps) to trace with jax.profiler into WORKDIR/profile."
     )
-    restore_from: str | None = pydantic.Field(
-        None, description="Start from this checkpoint directory when the workdir has none yet."
+
+    @pydantic.field_validator("profile_steps")
+    @classmethod
+    def _profile_window(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and (value[0] < 1 or value[1] < 1):
+            raise ValueError(f"profile_steps is (first step >= 1, count >= 1), got {list(value)}")
+        return value
+
+
+class EMAConfiguration(StrictConfig):
+    """An exponential moving average of the params, kept in the state (sharded like them) and checkpointed."""
+
+    decay: float | None = pydantic.Field(None, gt=0, lt=1, description="null: no EMA (no copy anywhere).")
+    start_step: int = pydantic.Field(0, ge=0, description="The EMA copies the params until this step.")
+    for_eval: bool | None = pydantic.Field(
+        None, description="Evaluate and sample with the EMA params (default: true when the EMA is on)."
     )
-    checkpoint: CheckpointConfiguration = pydantic.Field(default_factory=CheckpointConfiguration)
-    optimizers: dict[str, GroupOptimizerConfiguration] | None = pydantic.Field(
+
+    @property
+    def used_for_eval(self) -> bool:
+        return self.decay is not None and self.for_eval is not False
+
+
+class PerformanceConfiguration(StrictConfig):
+    """Speed and memory: each option gives the same training result (bf16 up to its rounding)."""
+
+    precision: Literal["float32", "bfloat16"] | None = pydantic.Field(
         None,
-        description="One optimizer per parameter group the model declares (e.g. generator, "
-        "discriminator); replaces `optimizer` for such models.",
-    )
-    ema_decay: float | None = pydantic.Field(
-        None, gt=0, lt=1, description="Keep an exponential moving average of the params (null: off)."
-    )
-    ema_start_step: int = pydantic.Field(0, ge=0, description="The EMA copies the params until this step.")
-    eval_with_ema: bool | None = pydantic.Field(
-        None, description="Evaluate and sample with the EMA params (default: true when EMA is on)."
+        description="Deprecated: the compute dtype is model.dtype (set when the model is built); a value "
+        "here is copied there once, with a warning.",
     )
     grad_accum_steps: int = pydantic.Field(
         1, ge=1, description="Split each global batch into this many micro-batches (same update, less memory)."
-    )
-    precision: Literal["float32", "bfloat16"] = pydantic.Field(
-        "float32",
-        description="Compute dtype of the model (activations, matmuls); params, optimizer state and "
-        "the loss stay float32.",
     )
     steps_per_call: int = pydantic.Field(
         1, ge=1, description="Training steps per jitted call (lax.scan): less dispatch for small models."
@@ -82,13 +102,6 @@ class TrainingConfiguration(StrictConfig):
         description="Stage an in-memory training set on the mesh once and gather batches there "
         "(same order as the pipeline); for data that fits in device memory.",
     )
-    profile_steps: tuple[int, int] | None = pydantic.Field(
-        None, description="(first step, number of steps) to trace with jax.profiler into WORKDIR/profile."
-    )
-    compilation_cache_dir: str | None = pydantic.Field(
-        "~/.cache/workshop_dist/jax_compilation_cache",
-        description="JAX's persistent compilation cache (a restarted job skips recompiling); null: off.",
-    )
     max_steps_in_flight: int = pydantic.Field(
         2,
         ge=1,
@@ -96,73 +109,137 @@ class TrainingConfiguration(StrictConfig):
         "the device always has queued work, and XLA:CPU collectives cannot deadlock on a long queue).",
     )
 
+
+class TrainingCheckpointConfiguration(CheckpointConfiguration):
+    """Checkpoint storage (see :class:`~workshop_dist.checkpoint.CheckpointConfiguration`) and where a run starts."""
+
+    resume: bool = pydantic.Field(
+        True, description="Continue from the workdir's latest checkpoint; false refuses to touch existing ones."
+    )
+    restore_from: str | None = pydantic.Field(
+        None, description="Start from this checkpoint directory when the workdir has none yet."
+    )
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(__file__))
+_CONFIG_MODULES = tuple(os.path.join(_PACKAGE, *name) for name in (("config.py",), ("experiment.py",), ("cli.py",), ("training", "config.py")))
+
+# Flat names of earlier releases -> (section, field). Accepted for one release, with a warning.
+MOVED: dict[str, tuple[str, str]] = {
+    "max_steps": ("length", "max_steps"),
+    "steps_per_epoch": ("length", "steps_per_epoch"),
+    "log_frequency": ("cadence", "log_every"),
+    "eval_frequency": ("cadence", "eval_every"),
+    "save_frequency": ("cadence", "save_every"),
+    "num_samples": ("cadence", "num_samples"),
+    "profile_steps": ("cadence", "profile_steps"),
+    "ema_decay": ("ema", "decay"),
+    "ema_start_step": ("ema", "start_step"),
+    "eval_with_ema": ("ema", "for_eval"),
+    "precision": ("performance", "precision"),
+    "grad_accum_steps": ("performance", "grad_accum_steps"),
+    "steps_per_call": ("performance", "steps_per_call"),
+    "data_on_device": ("performance", "data_on_device"),
+    "max_steps_in_flight": ("performance", "max_steps_in_flight"),
+    "resume": ("checkpoint", "resume"),
+    "restore_from": ("checkpoint", "restore_from"),
+    **{old: ("checkpoint", new) for old, new in DEPRECATED_ALIASES.items()},
+}
+
+
+def deprecated(old: str, new: str) -> None:
+    """A DeprecationWarning attributed to the code that wrote ``old`` (a script, a test, the CLI's caller),
+    not to pydantic or the config machinery, so Python's default filters show it there."""
+    internal = (os.path.dirname(pydantic.__file__), *_CONFIG_MODULES)
+    frame, level = inspect.currentframe(), 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    message = f"{old} is deprecated and will be removed in the next release; use {new}"
+    warnings.warn(message, DeprecationWarning, stacklevel=level)
+
+
+class TrainingConfiguration(StrictConfig):
+    """Batch size, run length, optimizer/schedule, and when to log, evaluate and checkpoint."""
+
+    batch_size: int = pydantic.Field(128, gt=0, description="Global batch size (all devices, all hosts).")
+    num_epochs: int = pydantic.Field(10, gt=0)
+    seed: int = pydantic.Field(0, description="Seeds parameter init, data order and the per-step rng.")
+    optimizer: OptimizerConfiguration = pydantic.Field(default_factory=OptimizerConfiguration)
+    scheduler: SchedulerConfiguration | None = None
+    optimizers: dict[str, GroupOptimizerConfiguration] | None = pydantic.Field(
+        None,
+        description="One optimizer per parameter group the model declares (e.g. generator, "
+        "discriminator); replaces `optimizer` for such models.",
+    )
+    nan_policy: Literal["stop", "skip"] = pydantic.Field(
+        "stop",
+        description="On a non-finite loss/gradient: stop the run (no checkpoint of the broken state is "
+        "written), or skip that update and go on.",
+    )
+    length: LengthConfiguration = pydantic.Field(default_factory=LengthConfiguration)
+    cadence: CadenceConfiguration = pydantic.Field(default_factory=CadenceConfiguration)
+    ema: EMAConfiguration = pydantic.Field(default_factory=EMAConfiguration)
+    performance: PerformanceConfiguration = pydantic.Field(default_factory=PerformanceConfiguration)
+    checkpoint: TrainingCheckpointConfiguration = pydantic.Field(default_factory=TrainingCheckpointConfiguration)
+
+    _ignore_name = ignored_fields("name")  # the original design passes name=; nothing reads it
+
     @pydantic.model_validator(mode="before")
     @classmethod
-    def _deprecated_checkpoint_fields(cls, data: Any) -> Any:
-        """``checkpoint_dir`` and friends moved to ``training.checkpoint``; accept them for one release."""
-        if not isinstance(data, dict) or not any(key in data for key in DEPRECATED_ALIASES):
+    def _moved_fields(cls, data: Any) -> Any:
+        """Flat names of earlier releases into their sections, each with a DeprecationWarning."""
+        if not isinstance(data, dict):
             return data
         data = dict(data)
-        section = dict(data.get("checkpoint") or {})
-        for old, new in DEPRECATED_ALIASES.items():
-            if old in data:
-                section[new] = data.pop(old)
-                warnings.warn(
-                    f"training.{old} is deprecated and will be removed in the next release; "
-                    f"use training.checkpoint.{new}",
-                    DeprecationWarning,
-                    stacklevel=2,
-                )
-        data["checkpoint"] = section
+        for old in [key for key in data if key in MOVED]:
+            section, new = MOVED[old]
+            value = data.pop(old)
+            deprecated(f"training.{old}", f"training.{section}.{new}")
+            target = data.get(section)
+            target = target.model_dump(exclude_unset=True) if isinstance(target, pydantic.BaseModel) else dict(target or {})
+            if new in target and target[new] != value:
+                raise ValueError(f"{old}={value!r} and {section}.{new}={target[new]!r} disagree: set only {section}.{new}")
+            data[section] = {**target, new: value}
+        if "compilation_cache_dir" in data:  # moved out of the training section altogether
+            data.pop("compilation_cache_dir")
+            deprecated("training.compilation_cache_dir", "the top-level compilation.cache_dir (ignored here)")
+        if "gradient_clip_norm" in data:
+            clip = data.pop("gradient_clip_norm")
+            deprecated("training.gradient_clip_norm", "training.optimizer.gradient_clip_norm")
+            if clip is not None:
+                data.update(_with_clip_norm(data, clip))
         return data
-
-    @pydantic.field_validator("profile_steps")
-    @classmethod
-    def _profile_window(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is not None and (value[0] < 1 or value[1] < 1):
-            raise ValueError(f"profile_steps is (first step >= 1, count >= 1), got {list(value)}")
-        return value
-
-    @pydantic.model_validator(mode="after")
-    def _one_clip_norm(self) -> TrainingConfiguration:
-        mine, theirs = self.gradient_clip_norm, self.optimizer.gradient_clip_norm
-        if mine is not None and theirs is not None and mine != theirs:
-            raise ValueError(
-                f"gradient_clip_norm is {mine} here but optimizer.gradient_clip_norm is {theirs}; set only one"
-            )
-        return self
 
     @pydantic.model_validator(mode="after")
     def _accumulation_divides_batch(self) -> TrainingConfiguration:
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by grad_accum_steps={self.grad_accum_steps}"
-            )
+        accum = self.performance.grad_accum_steps
+        if self.batch_size % accum:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by performance.grad_accum_steps={accum}")
         return self
 
-    @property
-    def checkpoint_dir(self) -> str | None:
-        return self.checkpoint.directory
-
-    @property
-    def max_checkpoints(self) -> int:
-        return self.checkpoint.max_to_keep
-
-    @property
-    def ema_for_eval(self) -> bool:
-        """Whether evaluation and sampling use the EMA params."""
-        return self.ema_decay is not None and self.eval_with_ema is not False
-
     def total_steps(self, steps_per_epoch: int | None) -> int | None:
-        """The run's length in steps: epochs x steps per epoch, capped by max_steps."""
-        steps_per_epoch = self.steps_per_epoch or steps_per_epoch
+        """The run's length in steps: epochs x steps per epoch, capped by ``length.max_steps``."""
+        steps_per_epoch = self.length.steps_per_epoch or steps_per_epoch
+        max_steps = self.length.max_steps
         if steps_per_epoch is None:
-            return self.max_steps
+            return max_steps
         total = self.num_epochs * steps_per_epoch
-        return min(total, self.max_steps) if self.max_steps else total
+        return min(total, max_steps) if max_steps else total
 
-    def effective_optimizer(self) -> OptimizerConfiguration:
-        """The optimizer config with ``training.gradient_clip_norm`` folded in."""
-        if self.gradient_clip_norm is None or self.optimizer.gradient_clip_norm is not None:
-            return self.optimizer
-        return self.optimizer.model_copy(update={"gradient_clip_norm": self.gradient_clip_norm})
+
+def _with_clip_norm(data: dict[str, Any], clip: float) -> dict[str, Any]:
+    """``optimizer`` (and each of ``optimizers``) with ``gradient_clip_norm`` set to ``clip``, unless set otherwise."""
+
+    def fold(optimizer: Any, where: str) -> Any:
+        given = optimizer.model_dump(exclude_unset=True) if isinstance(optimizer, pydantic.BaseModel) else dict(optimizer or {})
+        if given.get("gradient_clip_norm") not in (None, clip):
+            raise ValueError(
+                f"gradient_clip_norm is {clip} but {where}.gradient_clip_norm is {given['gradient_clip_norm']}; "
+                f"set only {where}.gradient_clip_norm"
+            )
+        return {**given, "gradient_clip_norm": clip}
+
+    updated = {"optimizer": fold(data.get("optimizer"), "optimizer")}
+    if data.get("optimizers"):
+        updated["optimizers"] = {group: fold(opt, f"optimizers.{group}") for group, opt in data["optimizers"].items()}
+    return updated

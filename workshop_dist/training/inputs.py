@@ -54,6 +54,10 @@ class PipelineInput:
         plan = getattr(self.pipeline, "device_plan", None)
         return plan() if plan is not None else None
 
+    def batch_spec(self) -> dict[str, Any]:
+        """Shapes and dtypes of one of this process's batches (``jax.ShapeDtypeStruct``)."""
+        return dict(self.pipeline.element_spec)
+
 
 class LoaderInput:
     """A seed-style ``loader(batch_size)`` called once per epoch.
@@ -72,7 +76,16 @@ class LoaderInput:
     def __init__(self, loader: Callable[[int], Any], batch_size: int, steps_per_epoch: int | None):
         self.loader = loader
         self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch or _length(loader(batch_size))
+        batches = loader(batch_size)
+        self.steps_per_epoch = steps_per_epoch or _length(batches)
+        first = next(iter(batches), None)
+        if first is None:
+            raise WorkshopError(f"The training loader returned no batches for batch size {batch_size}.")
+        self._spec = {key: _spec_of(value) for key, value in as_batch(first).items()}
+
+    def batch_spec(self) -> dict[str, Any]:
+        """Shapes and dtypes of the loader's first batch (every batch of an epoch must match them)."""
+        return dict(self._spec)
 
     def epoch(self, remaining: int | None, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
         batches = (as_batch(batch) for batch in iter(self.loader(self.batch_size)))
@@ -89,20 +102,27 @@ def _length(iterable: Any) -> int | None:
         return None
 
 
-def as_train_input(data: Any, config: Any, per_process_batch_size: int) -> PipelineInput | LoaderInput | None:
+def _spec_of(value: Any) -> Any:
+    import jax
+
+    value = np.asarray(value)
+    return jax.ShapeDtypeStruct(value.shape, value.dtype)
+
+
+def as_train_input(
+    data: Any, *, global_batch_size: int, per_process_batch_size: int, steps_per_epoch: int | None, seed: int
+) -> PipelineInput | LoaderInput | None:
     """Wrap whatever the user passed as training data."""
     if data is None:
         return None
     if hasattr(data, "steps_per_epoch") and hasattr(data, "iterator"):
         return PipelineInput(data)
     if callable(data):
-        return LoaderInput(data, per_process_batch_size, config.steps_per_epoch)
+        return LoaderInput(data, per_process_batch_size, steps_per_epoch)
     if isinstance(data, np.ndarray | Mapping) or hasattr(data, "__array__"):
         from workshop_dist.data import array_train_input
 
-        return PipelineInput(
-            array_train_input(arrays.as_example_dict(data), global_batch_size=config.batch_size, seed=config.seed)
-        )
+        return PipelineInput(array_train_input(arrays.as_example_dict(data), global_batch_size=global_batch_size, seed=seed))
     raise WorkshopError(
         f"Cannot train on {type(data).__name__}: pass a workshop_dist.data pipeline, a callable "
         "loader(batch_size) returning an iterator of batches, or numpy arrays."

@@ -1,13 +1,15 @@
-"""The Trainer: the original design's API over the engine, the loop, evaluation and checkpoints.
+"""The Trainer: the original design's API as a facade over the engine, the loop and its hooks.
 
-Reading order: :mod:`~workshop_dist.training.engine` (sharded state, compiled step),
-:mod:`~workshop_dist.training.loop` (the epoch, top to bottom), then the pieces here that the
-loop's periodic actions call (metrics, evaluation and samples, checkpoints).
+It assembles, once: the mesh and the input; the :class:`~workshop_dist.training.plan.Plan` (the
+configuration resolved); the :class:`~workshop_dist.training.engine.Engine` (built from the
+input's batch specification); the clock and the hooks. ``train_epoch`` and ``fit`` hand them to
+:func:`~workshop_dist.training.loop.train`, which owns the step loop. Between calls the Trainer
+holds only what the original API exposes: the state, the step, and the hooks' records
+(``train_metrics``, ``val_metrics``, the best loss).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,30 +17,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from clu import parameter_overview
 from flax import nnx
 
 from workshop_dist import hardware, parallel, storage
 from workshop_dist.config import WorkshopError
-from workshop_dist.metrics import Logger, MetricsLogger, ProgressBar, is_primary
+from workshop_dist.metrics import Logger, MetricsLogger, is_primary
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.runlog import RunLog
-from workshop_dist.training import evaluation, inputs, loop
-from workshop_dist.training.checkpointing import CheckpointMixin
+from workshop_dist.training import checkpointing, evaluation, inputs, loop
+from workshop_dist.training import feed as feeds
+from workshop_dist.training.clock import Clock
 from workshop_dist.training.config import TrainingConfiguration
 from workshop_dist.training.engine import Engine
+from workshop_dist.training.hooks import Every
+from workshop_dist.training.hooks.checkpoint import CheckpointHook
+from workshop_dist.training.hooks.evaluate import Best, EvaluateHook
+from workshop_dist.training.hooks.log import LogCallback, LogHook, MetricSink, NonFiniteLossError, average
+from workshop_dist.training.hooks.profile import ProfileHook
+from workshop_dist.training.hooks.runlog import RunLogHook
+from workshop_dist.training.hooks.samples import SamplesHook, data_max
+from workshop_dist.training.plan import make_plan
 from workshop_dist.training.preemption import Preempted, PreemptionWatcher
-from workshop_dist.training.reporting import StepMetrics, average
-
-LogCallback = Callable[[int, dict[str, float], str], None]
+from workshop_dist.training.state import TrainingState
 
 
-class NonFiniteLossError(WorkshopError):
-    """The loss or gradient became NaN/Inf; the last good checkpoint is left untouched."""
-
-    exit_code = 3
-
-
-class Trainer(CheckpointMixin):
+class Trainer:
     """Trains a model (see :mod:`workshop_dist.models.base`) on a device mesh.
 
     ``train_data_loader`` may be a pipeline from :mod:`workshop_dist.data`, a seed-style
@@ -63,96 +67,129 @@ class Trainer(CheckpointMixin):
         preemption: PreemptionWatcher | None = None,
         progress_bar: bool = False,
     ):
+        self.clock = Clock()  # the run's one clock: "First step done ... after the trainer was created"
         self.training_config = config = training_config
+        cadence, performance = config.cadence, config.performance
         self.workdir = storage.as_path(workdir, absolute=False) if workdir is not None else None  # local or gs://
-        self.log_callback, self.preemption, self.progress_bar = log_callback, preemption, progress_bar
         self.experiment_config = dict(experiment_config) if experiment_config is not None else None
+        self.val_data_loader = val_data_loader
         self.logger = logger or Logger(self.workdir / "logs" if self.workdir else None)
         self.metrics_logger = metrics_logger or (
             MetricsLogger(self.workdir / "logs") if self.workdir else MetricsLogger("", enabled=False)
         )
         if self.experiment_config is not None:
             self.metrics_logger.log_hparams(self.experiment_config)
-        self._bar: ProgressBar | None = None
 
-        # --- Mesh and data ------------------------------------------------------------------
+        # --- Mesh, input and run length ----------------------------------------------------
         self.mesh_config = mesh_config or MeshConfiguration()
         self.mesh = mesh or parallel.make_mesh(self.mesh_config)
         parallel.check_batch_size(config.batch_size, self.mesh)
-        parallel.check_batch_size(config.batch_size // config.grad_accum_steps, self.mesh)
-        self.per_process_batch_size = config.batch_size // jax.process_count()
-        self.train_input = inputs.as_train_input(train_data_loader, config, self.per_process_batch_size)
-        self.val_data_loader = val_data_loader
-        self.steps_per_epoch = config.steps_per_epoch or (self.train_input.steps_per_epoch if self.train_input else None)
-        self.total_steps = config.total_steps(self.steps_per_epoch)
-
-        # --- Engine: sharded state and compiled functions --------------------------------------
-        self.engine = Engine(model, config, self.mesh, self.mesh_config, self.total_steps)
-        self.schedule = self.engine.schedule
-        self.state = self.engine.initial_state
-        self.state_shardings = self.engine.state_shardings
-        self.device_data = self._stage_device_data() if config.data_on_device else None
-
-        # --- Bookkeeping (host side: decisions never read the device) -------------------------
-        peak = hardware.peak_flops(self.mesh.devices.flat[0])
-        self.metrics = StepMetrics(
-            batch_size=config.batch_size,
-            peak_flops=peak * self.mesh.devices.size if peak else None,
-            max_in_flight=config.max_steps_in_flight,
+        parallel.check_batch_size(config.batch_size // performance.grad_accum_steps, self.mesh)
+        self.train_input = inputs.as_train_input(
+            train_data_loader, global_batch_size=config.batch_size, seed=config.seed,
+            per_process_batch_size=config.batch_size // jax.process_count(), steps_per_epoch=config.length.steps_per_epoch,
         )
-        self.step = 0
-        self.epochs_done = 0  # counts epochs when their length is unknown
-        self.train_seconds = 0.0
-        self.val_metrics: list[dict[str, float]] = []
-        self._best_loss = float("inf")  # host copy of state.best_loss
-        self._created: float | None = time.perf_counter()
-        profile = config.profile_steps
-        self.profile_marks = (profile[0], profile[0] + profile[1]) if profile and self.workdir else ()
-        self.last_eval_step = -1
-        self.last_save_step = -1
-        self.restored_from: int | None = None
-        self.init_checkpoints()
-        # The run log (WORKDIR/logs/run_events.jsonl): where the time went, for ``--report``.
-        self.runlog = RunLog(self.workdir, enabled=is_primary()) if self.workdir else None
-        if self.runlog is not None:
-            kinds = {"train": "train", "checkpoint": "save", "sample": "sample", "compile": "compile"}
-            self.metrics.on_time = lambda kind, seconds: kind in kinds and self.runlog.timed(kinds[kind], seconds, self.step)
+        self.steps_per_epoch = config.length.steps_per_epoch or (self.train_input.steps_per_epoch if self.train_input else None)
+        self.total_steps = config.total_steps(self.steps_per_epoch)
+        self.device_data = feeds.stage(self.train_input, self.mesh) if performance.data_on_device else None
 
-    # --- Properties -----------------------------------------------------------------------
+        # --- The engine, built once: the resolved plan on the mesh, for the input's batches ----
+        self.engine = Engine(make_plan(model, config, self.total_steps), self.mesh, self.mesh_config,
+                             feeds.batch_spec(self.train_input, self.device_data, config.batch_size))
+        self._state: TrainingState = self.engine.initial_state
+        self._best_placed = (float("inf"), self._state.best_loss)
+        self.step = 0
+        self._epochs_done = 0  # counts epochs when their length is unknown
+        self.restored_from: int | None = None
+        table = parameter_overview.get_parameter_overview(self.engine.state_shapes.params, include_stats=False)
+        self.logger.info("Model parameters:\n%s", table, console=False)
+
+        # --- The hooks (the loop's periodic actions) ---------------------------------------------
+        peak = hardware.peak_flops(self.mesh.devices.flat[0])
+        self._sink = MetricSink(self.metrics_logger, self.logger, callback=log_callback, progress_bar=progress_bar,
+                                total_steps=self.total_steps, epoch_of=self._epoch_of)
+        self._log = LogHook(self._sink, batch_size=config.batch_size, flops_per_step=self.engine.flops_per_step,
+                            peak_flops=peak * self.mesh.devices.size if peak else None, nan_policy=config.nan_policy,
+                            every=cadence.log_every)
+        self._evaluate = EvaluateHook(self.engine, val_data_loader, batch_size=config.batch_size, every=cadence.eval_every,
+                                      sink=self._sink, max_in_flight=performance.max_steps_in_flight)
+        self._samples = SamplesHook(self.engine, count=cadence.num_samples, metrics_logger=self.metrics_logger,
+                                    directory=self.workdir / "samples" if self.workdir else None, follows=self._evaluate,
+                                    data_max=data_max(self.experiment_config))
+        directory = config.checkpoint.directory
+        self.checkpoint_dir = storage.as_path(directory, absolute=False) if directory else (
+            self.workdir / "checkpoints" if self.workdir else None)
+        self._checkpoints = checkpointing.Checkpoints(self.checkpoint_dir, config.checkpoint)
+        self._contents = checkpointing.Contents(self.experiment_config, self._data_iterator, config.batch_size,
+                                                self.mesh, self._epoch_of)
+        self._checkpoint = CheckpointHook(self._checkpoints if self.checkpoint_dir else None, self._contents,
+                                          every=cadence.save_every, evaluation=self._evaluate, preemption=preemption)
+        profile = cadence.profile_steps
+        self._profile = ProfileHook(self.workdir / "profile", *profile) if profile and self.workdir else None
+        self.runlog = RunLog(self.workdir, enabled=is_primary()) if self.workdir else None
+        self._runlog = RunLogHook(self.runlog, self._evaluate) if self.runlog else None
+        self._user_hooks: list[Any] = []
+        self._loop = {"read_every": cadence.log_every, "steps_per_call": performance.steps_per_call,
+                      "max_in_flight": performance.max_steps_in_flight}
+
+    # --- The original design's API ----------------------------------------------------------
+
+    @property
+    def state(self) -> TrainingState:
+        """The whole training state; ``state["step"]``, ``state.get("best_loss")`` work as in the original design."""
+        best = self._evaluate.best.loss
+        if self._best_placed[0] != best:
+            self._best_placed = (best, parallel.place(np.float32(best), parallel.replicated(self.mesh)))
+        return self._state.replace(best_loss=self._best_placed[1])
+
+    @state.setter
+    def state(self, value: TrainingState) -> None:
+        self._state = value
+        if value.best_loss is not self._best_placed[1]:
+            self._evaluate.best = Best(float(jax.device_get(value.best_loss)))
+
+    @property
+    def train_metrics(self) -> list[dict[str, float]]:
+        """Every step's metrics so far (``{"step": s, "loss": ..., ...}``)."""
+        return self._log.rows
+
+    @property
+    def val_metrics(self) -> list[dict[str, float]]:
+        return self._evaluate.history
+
+    @property
+    def best_loss(self) -> float:
+        return self._evaluate.best.loss
+
+    @property
+    def log_callback(self) -> LogCallback | None:
+        return self._sink.callback
+
+    @log_callback.setter
+    def log_callback(self, callback: LogCallback | None) -> None:
+        self._sink.callback = callback
 
     @property
     def epoch(self) -> int:
         """Completed epochs (from the step count, so it survives a restart)."""
-        return self.step // self.steps_per_epoch if self.steps_per_epoch else self.epochs_done
+        return self._epoch_of(self.step)
 
     @property
     def finished(self) -> bool:
         return self.total_steps is not None and self.step >= self.total_steps
 
     @property
-    def best_loss(self) -> float:
-        return self._best_loss
-
-    @property
-    def train_metrics(self) -> list[dict[str, float]]:
-        return self.metrics.rows
-
-    @property
-    def metric_names(self) -> list[str]:
+    def metric_names(self) -> tuple[str, ...]:
         return self.engine.metric_names
 
     @property
     def flops_per_step(self) -> float | None:
-        return self.metrics.flops_per_step
-
-    @property
-    def first_step_pending(self) -> bool:
-        return self._created is not None
+        return self.engine.flops_per_step
 
     @property
     def model(self) -> nnx.Module:
         """A new module with a copy of the current parameters (the step donates the state's own buffers)."""
-        params, model_state = jax.tree.map(jnp.copy, (self.state.params, self.state.model_state))
+        params, model_state = jax.tree.map(jnp.copy, (self._state.params, self._state.model_state))
         return self.engine.calls.merge(params, model_state, training=None)
 
     @property
@@ -163,30 +200,31 @@ class Trainer(CheckpointMixin):
             batch = inputs.as_batch(batch)
             if not all(isinstance(v, jax.Array) and not v.is_fully_addressable for v in batch.values()):
                 batch = parallel.host_batch_to_global({k: np.asarray(v) for k, v in batch.items()}, self.mesh)
-            stacked = {key: value[None] for key, value in batch.items()}
-            if not self.engine.metric_names:
-                self.engine.build(batch)
-                self.on_build(batch)
-            state, metrics = self.engine.train_steps(state, stacked)
-            return state, dict(zip(self.engine.metric_names, metrics[0], strict=True))
+            program = self.engine.program({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()})
+            state, metrics = self.engine.train_steps(state, {key: value[None] for key, value in batch.items()}, program)
+            return state, dict(zip(program.metric_names, metrics[0], strict=True))
 
         return train_step
 
     train_step = train_step_fn
 
-    # --- Training ---------------------------------------------------------------------------
+    def add_hook(self, hook: Any, every: int | None = None) -> Any:
+        """Run ``hook`` during training: an object with ``next_step`` and ``__call__`` (see
+        :mod:`workshop_dist.training.loop`), or, with ``every``, a function ``fn(info)`` called every
+        ``every`` steps. Returns the hook."""
+        if every is not None:
+            hook = Every(hook, every)
+        elif not (callable(getattr(hook, "next_step", None)) and callable(hook)):
+            raise TypeError("A hook needs next_step(step) and __call__(info); for a function use add_hook(fn, every=N).")
+        self._user_hooks.append(hook)
+        return hook
 
     def fit(self) -> dict[str, float]:
         """Train the configured epochs/steps with periodic validation; always checkpoint the end."""
         if self.runlog is not None:
-            self.runlog.started(
-                self.step,
-                self.total_steps,
-                self.restored_from,
-                examples_per_step=self.training_config.batch_size,
-                process_count=jax.process_count(),
-                checkpoint_dir=self.checkpoint_dir if self.training_config.checkpoint.directory else None,
-            )
+            self.runlog.started(self.step, self.total_steps, self.restored_from, examples_per_step=self.training_config.batch_size,
+                                process_count=jax.process_count(),
+                                checkpoint_dir=self.checkpoint_dir if self.training_config.checkpoint.directory else None)
         try:
             last = self._fit()
         except Preempted:
@@ -198,122 +236,9 @@ class Trainer(CheckpointMixin):
         self._ended("finished")
         return last
 
-    def _ended(self, reason: str, detail: str | None = None) -> None:
-        if self.runlog is not None:
-            self.runlog.ended(self.step, reason, detail)
-
-    def _fit(self) -> dict[str, float]:
-        config = self.training_config
-        last: dict[str, float] = {}
-        while self.epoch < config.num_epochs and not self.finished:
-            # Epoch-end validation runs at the epoch's last step, before that step's checkpoint.
-            last = self._train_epoch(validate_at_end=config.eval_frequency is None)
-            if config.eval_frequency is None and self.last_eval_step != self.step:
-                last = self.validate_and_track() or last  # epoch length unknown in advance
-        if self.last_eval_step != self.step:
-            last = self.validate_and_track() or last
-        if self.checkpoint_dir is not None:
-            if self.last_save_step != self.step:
-                self.save_checkpoint()
-            self.checkpoints.wait()
-        return last
-
     def train_epoch(self) -> dict[str, float]:
         """Train one epoch (the rest of it after a mid-epoch resume); return its averaged metrics."""
-        return self._train_epoch(validate_at_end=False)
-
-    def _train_epoch(self, *, validate_at_end: bool) -> dict[str, float]:
-        if self.device_data is not None and not self.engine.metric_names:
-            data, _ = self.device_data
-            batch = {
-                k: jax.ShapeDtypeStruct((self.training_config.batch_size, *v.shape[1:]), v.dtype, sharding=self.engine.batch_sharding)
-                for k, v in data.items()
-            }
-            self.engine.build(batch)
-            self.on_build(batch)
-        return loop.run_epoch(self, validate_at_end=validate_at_end)
-
-    def _stage_device_data(self) -> tuple[dict[str, jax.Array], Callable[[int], np.ndarray]]:
-        plan = self.train_input.device_plan() if self.train_input is not None else None
-        if plan is None:
-            raise WorkshopError(
-                "training.data_on_device needs in-memory training data without random flips: pass numpy "
-                "arrays, or a pipeline with data.cache=true and data.random_flip=false."
-            )
-        examples, indices_of = plan
-        # Replicated: a gather from an example-sharded array would cost a collective every step.
-        return parallel.place(examples, parallel.replicated(self.mesh)), indices_of
-
-    def on_build(self, batch: Mapping[str, Any]) -> None:
-        """Once the step's shapes are known: its FLOPs (for MFU), from XLA's cost analysis of one step."""
-        self.metrics.names = self.engine.metric_names
-        if self.metrics.flops_per_step is None:
-            cost = self.lower_step(batch).cost_analysis()
-            cost = cost[0] if isinstance(cost, list | tuple) else cost
-            self.metrics.flops_per_step = float(cost["flops"]) if cost and cost.get("flops") else None
-
-    def lower_step(self, batch: dict[str, jax.Array]) -> jax.stages.Lowered:
-        """The training step lowered for ``batch``'s shapes (e.g. to compile and inspect it)."""
-        if not self.engine.metric_names:
-            self.engine.build(batch)
-            self.on_build(batch)
-        stacked = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype, sharding=self.engine.stacked_sharding) for k, v in batch.items()}
-        return self.engine.lower(self.engine.initial_state_shapes(), stacked)
-
-    def report_first_step(self, marker: jax.Array) -> None:
-        """Once per process: how long start-up took (compilation included), waiting for that step only."""
-        marker.block_until_ready()
-        now = time.perf_counter()
-        self.logger.info("First step done (step %d), %.1f s after the trainer was created.", self.step, now - self._created)
-        self._created = None
-        self.metrics.add_pause("compile", now - self.metrics.interval_started)  # compilation is not step time
-
-    def profile(self, marker: jax.Array) -> None:
-        """Start or stop the jax.profiler trace of ``training.profile_steps``."""
-        marker.block_until_ready()  # the trace starts and stops at a step boundary
-        if self.step == self.profile_marks[0]:
-            jax.profiler.start_trace(str(self.workdir / "profile"))
-            self.logger.info("Profiling steps %d-%d into %s", self.step + 1, self.profile_marks[1], self.workdir / "profile")
-        else:
-            jax.profiler.stop_trace()
-            self.logger.info("Profile written to %s (open with TensorBoard's profile plugin or XProf)", self.workdir / "profile")
-
-    # --- Metrics ------------------------------------------------------------------------------
-
-    def write_interval(self, step: int, rows: list[dict[str, float]], summary: dict[str, float]) -> None:
-        self._check_finite(rows)
-        self._log(step, summary, "train")
-
-    def flush_metrics(self) -> None:
-        self.metrics.flush(self.step, self.write_interval)
-
-    def _check_finite(self, rows: list[dict[str, float]]) -> None:
-        bad = [row for row in rows if row["nonfinite"] > 0]
-        if not bad:
-            return
-        row = bad[0]
-        culprit = next((k for k, v in row.items() if not np.isfinite(v)), "grad_norm")
-        if self.training_config.nan_policy == "stop":
-            raise NonFiniteLossError(
-                f"Non-finite {culprit} ({row[culprit]}) at step {row['step']}: training stopped and the last "
-                "checkpoint was left untouched. Lower the learning rate, add gradient clipping "
-                "(training.gradient_clip_norm), or set training.nan_policy=skip to skip such updates."
-            )
-        self.logger.warning("Skipped %d update(s) with non-finite %s (first at step %d).", len(bad), culprit, row["step"])
-
-    def _log(self, step: int, metrics: dict[str, float], prefix: str) -> None:
-        self.metrics_logger.log_metrics(step, metrics, prefix)
-        if self.log_callback is not None:
-            self.log_callback(step, metrics, prefix)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "learning_rate", "examples_per_second"))
-        on_bar = prefix == "train" and self.progress_bar and is_primary()
-        if on_bar:
-            if self._bar is None:
-                self._bar = ProgressBar(self.total_steps, initial=step)
-            self._bar.update(step, self.epoch, metrics)
-        self.logger.info("%s step %d: %s", prefix, step, shown, console=not on_bar)
-
-    # --- Evaluation and samples -------------------------------------------------------------
+        return self._train(fit=False)
 
     def evaluate(self, data: Any = None, batch_size: int | None = None) -> dict[str, float]:
         """Average loss and model metrics over ``data`` (default: the validation loader).
@@ -324,54 +249,147 @@ class Trainer(CheckpointMixin):
         data = self.val_data_loader if data is None else data
         if data is None:
             raise WorkshopError("No evaluation data: pass data to evaluate() or val_data_loader to the Trainer.")
-        return evaluation.evaluate(self.engine, self.state, data, batch_size or self.training_config.batch_size, self.metrics)
-
-    def validate_and_track(self) -> dict[str, float] | None:
-        """Periodic validation: log, write samples, update the best loss, keep the best checkpoint."""
-        if self.val_data_loader is None:
-            return None
-        self.flush_metrics()
-        start = time.perf_counter()
-        with self.metrics.paused("eval"):
-            metrics = self.evaluate()
-        if self.runlog is not None:
-            self.runlog.timed("eval", time.perf_counter() - start, self.step, val_loss=metrics["loss"])
-        self.last_eval_step = self.step
-        self.val_metrics.append({"step": self.step, **metrics})
-        self._log(self.step, metrics, "val")
-        with self.metrics.paused("sample"):
-            self.write_samples()
-        if metrics["loss"] < self._best_loss:
-            self._best_loss = metrics["loss"]
-            self.state = self.state.replace(best_loss=parallel.place(np.float32(self._best_loss), parallel.replicated(self.mesh)))
-            if self.checkpoint_dir is not None:
-                self.save_checkpoint(val_loss=self._best_loss)
-        return metrics
-
-    def write_samples(self) -> storage.AnyPath | None:
-        """Sample grid of ``training.num_samples`` images: ``WORKDIR/samples/step_<N>.png`` and TensorBoard.
-
-        Every process must call this (sampling runs on the whole mesh); only the primary writes.
-        """
-        count = self.training_config.num_samples
-        if count == 0 or self.workdir is None:
-            return None
-        return evaluation.write_sample_grid(self, count, self.workdir / "samples" / f"step_{self.step}.png")
+        batch_size = batch_size or self.training_config.batch_size
+        return evaluation.evaluate(self.engine, self._state, data, batch_size, self._loop["max_in_flight"])
 
     def generate_samples(
         self, num_samples: int, seed: int | None = None, labels: Any = None, **sampling_options: Any
     ) -> np.ndarray:
         """``num_samples`` samples as a numpy array (the same for the same seed); ``labels`` condition them."""
-        return evaluation.generate(self.engine, self.state, num_samples, seed, labels, sampling_options)
+        return evaluation.generate(self.engine, self._state, num_samples, seed, labels, sampling_options)
+
+    def write_samples(self) -> storage.AnyPath | None:
+        """A sample grid of the current state: ``WORKDIR/samples/step_<N>.png`` (every process must call it)."""
+        with self.clock.phase("sample", self.step):
+            return self._samples.write(self.step, self._state)
+
+    def save_checkpoint(self, path: str | Path | None = None, *, val_loss: float | None = None) -> storage.AnyPath:
+        """Save the full training state.
+
+        With ``path``: write that directory now (a ``.pkl`` name is just a directory name).
+        Without: start an async save of this step under ``WORKDIR/checkpoints/<step>``.
+        """
+        with self.clock.phase("save", self.step):
+            if path is not None:
+                return checkpointing.save(path, self.step, self._state, self._contents, best_loss=self.best_loss,
+                                          train_seconds=self.clock.train_seconds)
+            self.checkpoints  # noqa: B018 (a clear error without a checkpoint directory)
+            return self._checkpoint.save(self.step, self._state, self.clock.train_seconds, val_loss=val_loss)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load a checkpoint directory (from :meth:`save_checkpoint` or a run's ``checkpoints/<step>``)."""
+        with self.clock.phase("restore", self.step):
+            restored = checkpointing.restore(path, self.engine.state_shapes, data_iterator=self._data_iterator())
+        self._adopt(restored)
+
+    def restore(self, step: int | None = None) -> int | None:
+        """Continue from the latest readable checkpoint in the checkpoint dir (or ``step``).
+
+        Returns the restored step, or None when there is nothing to restore.
+        """
+        if self.checkpoint_dir is None or not self.checkpoints.all_steps():
+            return None
+        with self.clock.phase("restore", self.step):
+            restored = checkpointing.restore(self._checkpoints, self.engine.state_shapes,
+                                             data_iterator=self._data_iterator(), step=step)
+        self._adopt(restored)
+        return restored.step
+
+    @property
+    def checkpoints(self) -> Any:
+        """The run's :class:`~workshop_dist.checkpoint.CheckpointManager`."""
+        return self._checkpoints.manager
+
+    def lower_step(self, batch: Mapping[str, Any]) -> jax.stages.Lowered:
+        """The training step lowered for ``batch``'s (global) shapes, e.g. to compile and inspect it."""
+        return self.engine.lower({key: jax.ShapeDtypeStruct(v.shape, v.dtype) for key, v in batch.items()})
 
     def close(self) -> None:
-        """Finish pending saves and flush metric writers."""
-        self.flush_metrics()
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self.close_checkpoints()
+        """Finish pending saves, write what the run log has not seen, flush metric writers."""
+        self._sink.close()
+        if self._runlog is not None:
+            self._runlog.write_spans(self.clock)
+        self._checkpoints.close()
         self.metrics_logger.close()
+
+    # --- Assembly ---------------------------------------------------------------------------
+
+    def _hooks(self) -> list[Any]:
+        hooks = [self._log, self._evaluate, self._samples, *self._user_hooks, self._checkpoint, self._profile, self._runlog]
+        return [hook for hook in hooks if hook is not None]
+
+    def _train(self, *, fit: bool) -> dict[str, float]:
+        """One epoch (its rest after a mid-epoch resume) through the loop; its averaged metrics."""
+        if self.train_input is None:
+            raise WorkshopError("No training data: pass train_data_loader to the Trainer.")
+        config, per_epoch = self.training_config, self.steps_per_epoch
+        done = self.step % per_epoch if per_epoch else 0
+        remaining = per_epoch - done if per_epoch else None
+        stop = None if remaining is None else self.step + remaining
+        if self.total_steps is not None:
+            stop = self.total_steps if stop is None else min(stop, self.total_steps)
+        # fit() evaluates at each epoch's end unless cadence.eval_every says otherwise
+        self._evaluate.epoch_length = per_epoch if fit and config.cadence.eval_every is None else None
+        progress = loop.Progress(self.step, self._state)
+        first_row = len(self._log.rows)
+        try:
+            loop.train(
+                self.engine, self._state, feeds.epoch_feed(self.engine, self.train_input, self.device_data, remaining, done),
+                [*self._hooks(), progress], start=self.step, stop=stop, clock=self.clock, **self._loop,
+            )
+        finally:
+            self._state, self.step = progress.state, progress.step
+        self._epochs_done += 1
+        return average(self._log.rows[first_row:])
+
+    def _fit(self) -> dict[str, float]:
+        last: dict[str, float] = {}
+        while self.epoch < self.training_config.num_epochs and not self.finished:
+            last = self._train(fit=True)
+            if self.training_config.cadence.eval_every is None and self._evaluate.last_step != self.step:
+                last = self._validate() or last  # the epoch's length was unknown in advance
+        if self._evaluate.last_step != self.step:
+            last = self._validate() or last
+        if self.checkpoint_dir is not None:
+            if self._checkpoint.last_step != self.step:
+                self.save_checkpoint()
+            with self.clock.phase("save", self.step):
+                self.checkpoints.wait()
+        if self._runlog is not None:
+            self._runlog.write_spans(self.clock)
+        return last
+
+    def _validate(self) -> dict[str, float] | None:
+        """Evaluation outside the loop (with its samples and best checkpoint), as the loop would run it."""
+        if self.val_data_loader is None:
+            return None
+        hooks = [self._evaluate, *([self._samples] if self._samples.enabled else []), self._checkpoint]
+        loop.run_now(hooks, step=self.step, state=self._state, clock=self.clock, observers=[h for h in [self._runlog] if h])
+        return {key: value for key, value in self._evaluate.history[-1].items() if key != "step"}
+
+    def _ended(self, reason: str, detail: str | None = None) -> None:
+        if self.runlog is not None:
+            self._runlog.write_spans(self.clock)
+            self.runlog.ended(self.step, reason, detail)
+
+    def _adopt(self, restored: checkpointing.Restored) -> None:
+        self._state, self.step = restored.state, restored.step
+        self.restored_from = restored.step
+        self._evaluate.best = Best(float(jax.device_get(restored.state.best_loss)))
+        self.clock.train_seconds = float(restored.metadata.get("train_seconds", 0.0))
+        self._epochs_done = int(restored.metadata.get("epoch", 0))
+        self._evaluate.last_step = self._checkpoint.last_step = None
+        if self.train_input is not None and not restored.data_restored:
+            self.train_input.seek(self.step)
+
+    def _epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch if self.steps_per_epoch else self._epochs_done
+
+    def _data_iterator(self) -> Any:
+        """The pipeline position to save (none with data on the device: its position is the step)."""
+        if self.train_input is None or self.device_data is not None:
+            return None
+        return self.train_input.checkpointable_iterator
 
 
 __all__ = ["NonFiniteLossError", "Trainer", "average"]
