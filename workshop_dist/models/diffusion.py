@@ -44,6 +44,9 @@ GAMMA_MAX = 15.0  # clips the cosine schedule's end (alpha = 0 there): the prior
 class DiffusionParameters(LevelsParameters):
     """Objective, noise schedule, conditioning and sampling options (networks add their sizes)."""
 
+    objective: Literal["diffusion"] = pydantic.Field(
+        "diffusion", description="diffusion (DDPM/VDM, these options), flow_matching or edm (their own options)."
+    )
     schedule: Schedule = pydantic.Field("cosine", description="Noise schedule: linear (DDPM) or cosine.")
     timesteps: int = pydantic.Field(1000, ge=2, description="DDPM steps of the schedule; t=0 is its step 1.")
     prediction: Literal["eps", "v", "levels"] = pydantic.Field(

@@ -4,7 +4,8 @@ Patchify -> transformer blocks conditioned by adaLN-Zero on (time + class) embed
 an adaLN final layer -> unpatchify. Attention and MLP weights carry the logical axes
 ``("embed", "heads")`` / ``("heads", "embed")`` and ``("embed", "mlp")`` / ``("mlp", "embed")``,
 so ``mesh.tensor`` shards them Megatron-style (see :mod:`workshop_dist.parallel`). The
-objective, bound and samplers are in :mod:`workshop_dist.models.diffusion`.
+objective is ``parameters.objective``: DDPM/VDM (:mod:`workshop_dist.models.diffusion`),
+flow matching or EDM (:mod:`workshop_dist.models.objective_model`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pydantic
 from flax import nnx
 
-from workshop_dist.config import ConfigError
+from workshop_dist.config import ConfigError, StrictConfig
 from workshop_dist.models import layers
 from workshop_dist.models.config import ModelConfiguration
 from workshop_dist.models.diffusion import (
@@ -27,17 +28,22 @@ from workshop_dist.models.diffusion import (
     timestep_embedding,
 )
 from workshop_dist.models.layers import dense, layer_norm
+from workshop_dist.models.objective_model import model_class, objective_name
 from workshop_dist.models.registry import register_model
 
 
-class DiTParameters(DiffusionParameters):
-    """The diffusion options plus the transformer's sizes (DiT-S/2 is hidden 384, depth 12, 6 heads)."""
+class DiTNetworkParameters(StrictConfig):
+    """The transformer's sizes (DiT-S/2 is hidden 384, depth 12, 6 heads)."""
 
     patch_size: int = pydantic.Field(2, ge=1, description="Side of the square patches (tokens).")
     hidden_size: int = pydantic.Field(128, ge=1, description="Token width.")
     depth: int = pydantic.Field(4, ge=1, description="Transformer blocks.")
     num_heads: int = pydantic.Field(4, ge=1, description="Attention heads.")
     mlp_ratio: float = pydantic.Field(4.0, gt=0, description="MLP width / token width.")
+
+
+class DiTParameters(DiffusionParameters, DiTNetworkParameters):
+    """The diffusion options plus the transformer's sizes."""
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -86,7 +92,7 @@ class DiTBlock(nnx.Module):
 class DiT(nnx.Module):
     """``(z, t, labels) -> out``: the denoising transformer."""
 
-    def __init__(self, hp: DiTParameters, image_shape: tuple[int, ...], out_features: int, num_classes: int,
+    def __init__(self, hp: DiTNetworkParameters, image_shape: tuple[int, ...], out_features: int, num_classes: int,
                  remat: str, **kw: Any):
         height, width, channels = image_shape
         patch, dim = hp.patch_size, hp.hidden_size
@@ -127,6 +133,12 @@ class DiTModel(DiffusionModel):
     """Diffusion model with the DiT denoiser (``model.parameters``: :class:`DiTParameters`)."""
 
     Parameters = DiTParameters
+
+    @classmethod
+    def select_class(cls, config: ModelConfiguration) -> type:
+        """``parameters.objective``: this class for ``diffusion``; flow matching or EDM over the same network."""
+        objective = objective_name(config, "dit")
+        return cls if objective == "diffusion" else model_class("dit", DiTNetworkParameters, DiT, objective)
 
     def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
         super().__init__(config)

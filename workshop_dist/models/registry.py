@@ -94,6 +94,9 @@ def create_model(config: ModelConfiguration, *, rngs: nnx.Rngs | int = 0) -> nnx
     when they are built (:func:`workshop_dist.models.layers.dtypes`); nothing is cast afterwards.
     """
     cls = resolve_model_class(config.model_class)
+    select = getattr(cls, "select_class", None)  # a family whose parameters pick the class (objective)
+    if select is not None:
+        cls = select(config)
     if isinstance(rngs, int):
         rngs = nnx.Rngs(rngs)
     return cls(config, rngs=rngs)

@@ -2,8 +2,9 @@
 
 Residual blocks with a time (and class) embedding added after the first convolution, one
 stride-2 downsampling between resolution levels, self-attention at the lowest resolution,
-and skip connections concatenated on the way up. The objective, bound and samplers are in
-:mod:`workshop_dist.models.diffusion`.
+and skip connections concatenated on the way up. The objective is ``parameters.objective``:
+DDPM/VDM (:mod:`workshop_dist.models.diffusion`), flow matching or EDM
+(:mod:`workshop_dist.models.objective_model`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import pydantic
 from flax import nnx
 
-from workshop_dist.config import ConfigError
+from workshop_dist.config import ConfigError, StrictConfig
 from workshop_dist.models import layers
 from workshop_dist.models.config import ModelConfiguration
 from workshop_dist.models.diffusion import (
@@ -25,13 +26,20 @@ from workshop_dist.models.diffusion import (
     timestep_embedding,
 )
 from workshop_dist.models.layers import conv, dense, group_norm
+from workshop_dist.models.objective_model import model_class, objective_name
 from workshop_dist.models.registry import register_model
 
 
-class UNetParameters(DiffusionParameters):
+class UNetNetworkParameters(StrictConfig):
+    """The U-Net's sizes."""
+
     widths: list[int] = pydantic.Field([32, 64], min_length=1, description="Channels per resolution level.")
     num_res_blocks: int = pydantic.Field(1, ge=1, description="Residual blocks per level (down path).")
     attention_heads: int = pydantic.Field(4, ge=1, description="Heads of the lowest-resolution attention.")
+
+
+class UNetParameters(DiffusionParameters, UNetNetworkParameters):
+    """The diffusion options plus the U-Net's sizes."""
 
 
 class ResBlock(nnx.Module):
@@ -80,7 +88,7 @@ class Attention(nnx.Module):
 class UNet(nnx.Module):
     """``(z, t, labels) -> out``: the denoising network."""
 
-    def __init__(self, hp: UNetParameters, channels: int, out_features: int, num_classes: int, remat: str, **kw: Any):
+    def __init__(self, hp: UNetNetworkParameters, channels: int, out_features: int, num_classes: int, remat: str, **kw: Any):
         widths, base = hp.widths, hp.widths[0]
         self.embed_dim = embed = 4 * base
         self.remat = remat
@@ -141,15 +149,27 @@ class DDPMUNet(DiffusionModel):
 
     Parameters = UNetParameters
 
+    @classmethod
+    def select_class(cls, config: ModelConfiguration) -> type:
+        """``parameters.objective``: this class for ``diffusion``; flow matching or EDM over the same network."""
+        objective = objective_name(config, "ddpm_unet")
+        return cls if objective == "diffusion" else model_class("ddpm_unet", UNetNetworkParameters, build_unet, objective)
+
     def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
         super().__init__(config)
-        height, width, _ = self.image_shape
-        factor = 2 ** (len(self.hp.widths) - 1)
-        if height % factor or width % factor:
-            raise ConfigError(
-                f"ddpm_unet: {len(self.hp.widths)} widths halve the image {len(self.hp.widths) - 1} times, "
-                f"but {height}x{width} is not divisible by {factor}; use fewer widths"
-            )
-        self.network = UNet(
-            self.hp, self.channels, self.out_features, self.num_classes, self.remat, rngs=rngs, **layers.dtypes(config)
+        self.network = build_unet(
+            self.hp, self.image_shape, self.out_features, self.num_classes, self.remat, rngs=rngs, **layers.dtypes(config)
         )
+
+
+def build_unet(hp: UNetNetworkParameters, image_shape: tuple[int, ...], out_features: int, num_classes: int,
+               remat: str, **kw: Any) -> UNet:
+    """The U-Net for ``image_shape`` (H, W, C), after checking that its levels halve the image evenly."""
+    height, width, channels = image_shape
+    factor = 2 ** (len(hp.widths) - 1)
+    if height % factor or width % factor:
+        raise ConfigError(
+            f"ddpm_unet: {len(hp.widths)} widths halve the image {len(hp.widths) - 1} times, "
+            f"but {height}x{width} is not divisible by {factor}; use fewer widths"
+        )
+    return UNet(hp, channels, out_features, num_classes, remat, **kw)

@@ -284,6 +284,8 @@ def make_sample_fn(calls: ModelCalls) -> Callable[..., jax.Array]:
         kwargs = dict(options)
         if labels is not None:
             kwargs["labels"] = labels
+        if getattr(model, "shards_samples", False):  # the samples split over the mesh like a batch
+            kwargs["sharding"] = calls.example_sharding
         return model.sample(rng, num_samples, **kwargs)
 
     return sample
