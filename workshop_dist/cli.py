@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report", metavar="WORKDIR", help="Print the run report of WORKDIR (steps, restarts, time, goodput) and exit."
     )
+    parser.add_argument(
+        "--posthoc-ema", metavar="WORKDIR",
+        help="Reconstruct the EMA of each --sigma-rel from WORKDIR's post-hoc EMA snapshots (EDM2) into "
+        "checkpoints WORKDIR/posthoc_ema/sigma_rel_<w> that --restore, evaluation and sampling take; exit.",
+    )  # fmt: skip
+    parser.add_argument("--sigma-rel", metavar="W1,W2,...", help="With --posthoc-ema: the widths to reconstruct.")
     parser.add_argument("--quiet", action="store_true", help="Only warnings and errors.")
     parser.add_argument("--verbose", action="store_true", help="Debug logging.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks for user errors.")
@@ -95,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         from workshop_dist.report import print_report
 
         return print_report(args.report)
+    if args.posthoc_ema:
+        return posthoc_ema(args)
     config = load_config(args.config, args.overrides)
     if args.print_config:
         print(config.to_yaml(), end="")
@@ -170,6 +178,43 @@ def run(args: argparse.Namespace) -> int:
         if final is not None:
             print(f"  samples      {final}")
         print(f"  config       {workdir / 'config.yaml'}")
+    return 0
+
+
+def posthoc_ema(args: argparse.Namespace) -> int:
+    """``--posthoc-ema WORKDIR --sigma-rel ...``: the run's latest checkpoint with its params replaced by
+    each reconstructed EMA, one checkpoint directory per width."""
+    from workshop_dist import distributed, parallel, resume_config, storage
+    from workshop_dist.config import ConfigError
+    from workshop_dist.experiment import ExperimentConfiguration
+    from workshop_dist.metrics import Logger
+    from workshop_dist.training import Trainer
+    from workshop_dist.training.posthoc_ema import write_reconstructions
+
+    try:
+        widths = [float(w) for w in (args.sigma_rel or "").split(",") if w.strip()]
+    except ValueError:
+        widths = []
+    if not widths:
+        raise ConfigError("--posthoc-ema needs --sigma-rel W1,W2,... (relative EMA widths, e.g. 0.05,0.1)")
+    workdir = storage.as_path(args.posthoc_ema)
+    saved = resume_config.saved_config(workdir / "checkpoints")
+    if saved is None:
+        raise ConfigError(f"{workdir / 'checkpoints'} holds no complete checkpoint with its config: nothing to reconstruct.")
+    config = ExperimentConfiguration.from_dict(saved[1], args.overrides)
+    distributed.initialize(config.distributed)
+    logger = Logger(None, level=logging.WARNING if args.quiet else logging.INFO)
+    mesh = parallel.make_mesh(config.mesh)
+    trainer = Trainer(config.model, config.training, None, None, workdir, logger=logger, mesh=mesh,
+                      mesh_config=config.mesh, experiment_config=config.model_dump(mode="json"))
+    try:
+        trainer.restore()
+        paths = write_reconstructions(trainer, widths)
+    finally:
+        trainer.close()
+    if distributed.is_primary():
+        for width, path in zip(widths, paths, strict=True):
+            print(f"sigma_rel={width:g}: {path}  (use it with --restore {path})")
     return 0
 
 

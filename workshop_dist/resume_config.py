@@ -61,6 +61,9 @@ _RULES: tuple[tuple[str, ChangeKind], ...] = (
     ("training.num_epochs", "schedule"),
     ("training.length.max_steps", "schedule"),
     ("training.length.steps_per_epoch", "schedule"),
+    ("training.ema.posthoc.snapshot_every", "harmless"),
+    ("training.ema.posthoc*", "shape"),  # profiles appear, disappear or change width
+    ("training.ema.eval_decay", "shape"),  # another decay's average becomes ema_params
     ("training.batch_size", "data"),
     ("training.seed", "data"),
     ("data.*", "data"),

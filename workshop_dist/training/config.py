@@ -69,18 +69,84 @@ class CadenceConfiguration(StrictConfig):
         return value
 
 
-class EMAConfiguration(StrictConfig):
-    """An exponential moving average of the params, kept in the state (sharded like them) and checkpointed."""
+class PosthocEMAConfiguration(StrictConfig):
+    """EDM2's post-hoc EMA: power-function EMAs tracked in the state, snapshots of them written to
+    ``WORKDIR/posthoc_ema/<step>``; ``workshop-train --posthoc-ema WORKDIR --sigma-rel ...`` then
+    reconstructs the EMA of any width (:mod:`workshop_dist.training.posthoc_ema`)."""
 
-    decay: float | None = pydantic.Field(None, gt=0, lt=1, description="null: no EMA (no copy anywhere).")
-    start_step: int = pydantic.Field(0, ge=0, description="The EMA copies the params until this step.")
+    sigma_rels: list[float] = pydantic.Field(
+        [0.05, 0.10], min_length=1, description="Relative widths of the tracked profiles (EDM2: 0.05 and 0.10)."
+    )
+    snapshot_every: int = pydantic.Field(1000, ge=1, description="Write a snapshot of every profile this often.")
+
+    @pydantic.field_validator("sigma_rels")
+    @classmethod
+    def _widths(cls, value: list[float]) -> list[float]:
+        from workshop_dist.training.posthoc_ema import SIGMA_REL_MAX
+
+        bad = [w for w in value if not 0 < w <= SIGMA_REL_MAX]
+        if bad or len(set(value)) != len(value):
+            raise ValueError(f"sigma_rels must be distinct widths in (0, {SIGMA_REL_MAX:.4f}], got {value}")
+        return value
+
+
+class EMAConfiguration(StrictConfig):
+    """Moving averages of the params, kept in the state (sharded like them) and checkpointed."""
+
+    decay: float | list[float] | None = pydantic.Field(
+        None, description="An EMA decay in (0, 1), or several ([0.999, 0.9999]) tracked at once; null: no EMA."
+    )
+    eval_decay: float | None = pydantic.Field(
+        None, description="Which of the decays evaluation and sampling use (default: the first)."
+    )
+    start_step: int = pydantic.Field(0, ge=0, description="The EMAs copy the params until this step.")
     for_eval: bool | None = pydantic.Field(
         None, description="Evaluate and sample with the EMA params (default: true when the EMA is on)."
     )
+    posthoc: PosthocEMAConfiguration | None = pydantic.Field(
+        None, description="EDM2's post-hoc EMA (power-function profiles and their snapshots); null: off."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _decays(self) -> EMAConfiguration:
+        decays = self.decays
+        if any(not 0 < d < 1 for d in decays) or len(set(decays)) != len(decays):
+            raise ValueError(f"decay: distinct values in (0, 1) needed, got {self.decay}")
+        if self.eval_decay is not None and self.eval_decay not in decays:
+            raise ValueError(f"eval_decay {self.eval_decay} is not one of the decays {decays}")
+        return self
+
+    @property
+    def decays(self) -> list[float]:
+        """Every classic EMA decay, in the order given."""
+        if self.decay is None:
+            return []
+        return [float(d) for d in self.decay] if isinstance(self.decay, list) else [float(self.decay)]
+
+    @property
+    def primary(self) -> float | None:
+        """The decay of ``ema_params``, the EMA evaluation and sampling use."""
+        decays = self.decays
+        return None if not decays else (self.eval_decay if self.eval_decay is not None else decays[0])
 
     @property
     def used_for_eval(self) -> bool:
         return self.decay is not None and self.for_eval is not False
+
+    def profiles(self) -> tuple[tuple[str, str, float], ...]:
+        """The averages kept beside ``ema_params`` (``TrainingState.ema_profiles``): ``(name, kind, value)``
+        with kind ``decay`` (a classic EMA) or ``power`` (value: the exponent gamma of a post-hoc profile)."""
+        from workshop_dist.training.posthoc_ema import sigma_rel_to_gamma
+
+        extra = [(profile_name("decay", d), "decay", d) for d in self.decays if d != self.primary]
+        for width in self.posthoc.sigma_rels if self.posthoc else []:
+            extra.append((profile_name("sigma_rel", width), "power", float(sigma_rel_to_gamma(width))))
+        return tuple(extra)
+
+
+def profile_name(kind: str, value: float) -> str:
+    """``decay_0p9999``, ``sigma_rel_0p05``: a state key without dots (Orbax joins key paths with them)."""
+    return f"{kind}_{value:g}".replace(".", "p").replace("-", "m")
 
 
 class PerformanceConfiguration(StrictConfig):

@@ -75,6 +75,7 @@ class Engine:
         opt_shardings = self._opt_shardings(opt_shapes, param_shardings, replicated)
         stored_model_state = jax.eval_shape(self.calls.storable, nnx.to_pure_dict(model_state))
         ema_on = rule.ema_decay is not None
+        profile_names = [name for name, _, _ in rule.ema_profiles] or None  # None: no profiles, nothing stored
         self.state_shardings = TrainingState(
             step=replicated,
             params=param_shardings,
@@ -83,6 +84,7 @@ class Engine:
             best_loss=replicated,
             model_state=jax.tree.map(lambda _: replicated, stored_model_state),
             ema_params=param_shardings if ema_on else None,
+            ema_profiles={name: param_shardings for name in profile_names} if profile_names else None,
         )
         shapes = TrainingState(
             step=jax.ShapeDtypeStruct((), jnp.int32),
@@ -92,6 +94,7 @@ class Engine:
             best_loss=jax.ShapeDtypeStruct((), jnp.float32),
             model_state=stored_model_state,
             ema_params=params if ema_on else None,
+            ema_profiles={name: params for name in profile_names} if profile_names else None,
         )
         self.state_shapes = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings
@@ -111,6 +114,7 @@ class Engine:
             else:
                 placed = parallel.place(params, param_shardings)  # a copy: the module stays usable
                 placed_model_state = parallel.place(self.calls.storable(nnx.to_pure_dict(model_state)), replicated)
+            copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)
             self.initial_state = TrainingState(
                 step=parallel.place(np.int32(0), replicated),
                 params=placed,
@@ -118,9 +122,8 @@ class Engine:
                 rng=parallel.place(jax.random.PRNGKey(plan.seed), replicated),
                 best_loss=parallel.place(np.float32(np.inf), replicated),
                 model_state=placed_model_state,
-                ema_params=jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(placed)
-                if ema_on
-                else None,
+                ema_params=copy(placed) if ema_on else None,
+                ema_profiles={name: copy(placed) for name in profile_names} if profile_names else None,
             )
 
         # --- Compiled functions -----------------------------------------------------------

@@ -66,8 +66,9 @@ def update_rule(model: nnx.Module, config: TrainingConfiguration, total_steps: i
     declared: Mapping[str, str] | None = getattr(model, "param_groups", None)
     common = {
         "accum_steps": config.performance.grad_accum_steps,
-        "ema_decay": config.ema.decay,
+        "ema_decay": config.ema.primary,
         "ema_start_step": config.ema.start_step,
+        "ema_profiles": config.ema.profiles(),
         "skip_nonfinite": config.nan_policy == "skip",
     }
     if not declared:

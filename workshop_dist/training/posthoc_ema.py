@@ -24,6 +24,7 @@ snapshots. Reconstructing a tracked profile at one of its snapshots returns that
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -158,3 +159,63 @@ def reconstruct(snapshots: Iterable[Any], weights: Any) -> Any:
         raise ValueError(f"got {count} snapshots for {weights.shape[0]} weights")
     out = [jax.tree.map(lambda s, d: s.astype(d), s, dtypes) for s in sums]
     return out[0] if single else out
+
+
+# --- a run's snapshots -> checkpoints ------------------------------------------------------------------
+def snapshots(directory: Any) -> list[tuple[int, Any, dict[str, float]]]:
+    """``(step, path, {profile name: sigma_rel})`` of every snapshot under ``directory``, by step."""
+    from workshop_dist import checkpoint, storage
+
+    directory = storage.as_path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        if path.name.isdigit() and (path / checkpoint.STATE).is_dir():
+            metadata = json.loads((path / "metadata" / "metadata").read_text())
+            found.append((int(path.name), path, {k: float(v) for k, v in metadata["sigma_rels"].items()}))
+    return sorted(found, key=lambda item: item[0])
+
+
+def write_reconstructions(trainer: Any, sigma_rels: Sequence[float], out: Any = None) -> list[Any]:
+    """For each target width, the EMA reconstructed from ``trainer``'s run's snapshots (at the last one)
+    as a checkpoint directory ``OUT/sigma_rel_<w>`` (default ``OUT``: ``WORKDIR/posthoc_ema``): the
+    restored run's state with its params (and EMA params) replaced, so ``--restore``, evaluation and
+    sampling take it like any checkpoint. ``trainer`` has restored the run's latest checkpoint."""
+    from workshop_dist import checkpoint, storage
+    from workshop_dist.config import WorkshopError
+
+    directory = trainer.workdir / "posthoc_ema"
+    found = snapshots(directory)
+    if not found:
+        raise WorkshopError(
+            f"No post-hoc EMA snapshots in {directory}: train with training.ema.posthoc set "
+            "(e.g. training.ema.posthoc={sigma_rels: [0.05, 0.1], snapshot_every: 1000})."
+        )
+    steps, widths, sources = [], [], []
+    for step, path, profiles in found:
+        for name, width in profiles.items():
+            steps.append(step)
+            widths.append(width)
+            sources.append((path, name))
+    weights = reconstruction_weights(steps, widths, list(sigma_rels))
+    shapes = trainer.engine.state_shapes.params
+    cache: dict[Any, Any] = {}
+
+    def load(path: Any, name: str) -> Any:  # each snapshot read once, holding only the last one
+        if path not in cache:
+            cache.clear()
+            names = found[[p for _, p, _ in found].index(path)][2]
+            cache[path] = checkpoint.load_checkpoint_dir(path, {n: shapes for n in names})[0]
+        return cache[path][name]
+
+    averages = reconstruct((load(path, name) for path, name in sources), weights)
+    out = storage.as_path(out) if out is not None else directory
+    written = []
+    for width, average in zip(sigma_rels, averages, strict=True):
+        placed = jax.device_put(average, trainer.engine.state_shardings.params)
+        state = trainer.state
+        trainer.state = state.replace(params=placed, ema_params=placed if state.ema_params is not None else None)
+        written.append(trainer.save_checkpoint(out / f"sigma_rel_{width:g}"))
+        trainer.state = state
+    return written

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-_FIELDS = ("step", "params", "opt_state", "rng", "best_loss", "model_state", "ema_params")
+_FIELDS = ("step", "params", "opt_state", "rng", "best_loss", "model_state", "ema_params", "ema_profiles")
 
 
 @struct.dataclass
@@ -16,7 +16,9 @@ class TrainingState:
     """params, opt_state, rng, step and best_loss, plus non-trainable model variables and the EMA.
 
     ``opt_state`` is one optax state, or ``{group: state}`` for models with parameter groups.
-    ``ema_params`` is None when EMA is off (no copy in memory or in checkpoints). Typed PRNG
+    ``ema_params`` is None when EMA is off (no copy in memory or in checkpoints); ``ema_profiles``
+    (``{name: params}``, None when there are none) holds the other averages: further EMA decays and
+    the post-hoc EMA's power-function profiles (``training.ema``). Typed PRNG
     keys a model keeps (``nnx.Rngs``) are stored in ``model_state`` as raw key data.
 
     ``rng`` is the run's base key: the key of step ``s`` is ``fold_in(rng, s)``, so a resumed
@@ -31,6 +33,7 @@ class TrainingState:
     best_loss: jax.Array
     model_state: Any = struct.field(default_factory=dict)
     ema_params: Any = None
+    ema_profiles: Any = None
 
     @classmethod
     def create(
@@ -43,6 +46,7 @@ class TrainingState:
         best_loss: float = float("inf"),
         model_state: Any = None,
         ema_params: Any = None,
+        ema_profiles: Any = None,
     ) -> TrainingState:
         return cls(
             step=jnp.asarray(step, jnp.int32),
@@ -52,6 +56,7 @@ class TrainingState:
             best_loss=jnp.asarray(best_loss, jnp.float32),
             model_state={} if model_state is None else model_state,
             ema_params=ema_params,
+            ema_profiles=ema_profiles,
         )
 
     def __getitem__(self, key: str) -> Any:

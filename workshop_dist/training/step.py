@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from workshop_dist.training import posthoc_ema
 from workshop_dist.training.calls import ModelCalls
 from workshop_dist.training.state import TrainingState
 
@@ -40,6 +41,7 @@ class UpdateRule:
     accum_steps: int = 1
     ema_decay: float | None = None
     ema_start_step: int = 0
+    ema_profiles: tuple[tuple[str, str, float], ...] = ()  # (name, "decay" | "power", decay | gamma)
     skip_nonfinite: bool = False
 
 
@@ -91,9 +93,19 @@ def make_train_step(calls: ModelCalls, rule: UpdateRule) -> Callable[[TrainingSt
         if ema is not None:
             decay = jnp.where(state.step >= rule.ema_start_step, rule.ema_decay, 0.0)
             ema = optax.incremental_update(params, ema, 1.0 - decay)
+        profiles = state.ema_profiles
+        if profiles is not None:
+            profiles = dict(profiles)
+            for name, kind, value in rule.ema_profiles:
+                if kind == "power":  # after the (step + 1)-th update
+                    profiles[name] = posthoc_ema.power_ema_update(profiles[name], params, state.step + 1, value)
+                else:
+                    decay = jnp.where(state.step >= rule.ema_start_step, value, 0.0)
+                    profiles[name] = optax.incremental_update(params, profiles[name], 1.0 - decay)
         metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state, ema_params=ema
+            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state, ema_params=ema,
+            ema_profiles=profiles,
         )
         return new_state, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
 

@@ -34,6 +34,7 @@ from workshop_dist.training.hooks import Every
 from workshop_dist.training.hooks.checkpoint import CheckpointHook
 from workshop_dist.training.hooks.evaluate import Best, EvaluateHook
 from workshop_dist.training.hooks.log import LogCallback, LogHook, MetricSink, NonFiniteLossError, average
+from workshop_dist.training.hooks.posthoc import PosthocSnapshotHook
 from workshop_dist.training.hooks.profile import ProfileHook
 from workshop_dist.training.hooks.runlog import RunLogHook
 from workshop_dist.training.hooks.samples import SamplesHook, data_max
@@ -124,6 +125,7 @@ class Trainer:
                                                 self.mesh, self._epoch_of)
         self._checkpoint = CheckpointHook(self._checkpoints if self.checkpoint_dir else None, self._contents,
                                           every=cadence.save_every, evaluation=self._evaluate, preemption=preemption)
+        self._posthoc = PosthocSnapshotHook.for_run(config.ema.posthoc, self.workdir)
         profile = cadence.profile_steps
         self._profile = ProfileHook(self.workdir / "profile", *profile) if profile and self.workdir else None
         self.runlog = RunLog(self.workdir, enabled=is_primary()) if self.workdir else None
@@ -315,7 +317,8 @@ class Trainer:
     # --- Assembly ---------------------------------------------------------------------------
 
     def _hooks(self) -> list[Any]:
-        hooks = [self._log, self._evaluate, self._samples, *self._user_hooks, self._checkpoint, self._profile, self._runlog]
+        hooks = [self._log, self._evaluate, self._samples, *self._user_hooks, self._posthoc, self._checkpoint,
+                 self._profile, self._runlog]
         return [hook for hook in hooks if hook is not None]
 
     def _train(self, *, fit: bool) -> dict[str, float]:
