@@ -6,7 +6,8 @@ and scored on the 447 test images:
 
 - **NLL**: ``model.nll(batch, rng, **options)`` in nats per image where the model defines it
   (VAE: importance-weighted bound with K samples; flow: dequantisation bound; PixelCNN: exact;
-  diffusion: variational bound), averaged over the test set. GANs have none.
+  diffusion: variational bound; flow matching: the probability-flow ODE bound), averaged over
+  the test set. GANs and EDM have none.
 - **FD**: Frechet distance of 1,000 samples to the test set in the feature space of
   :mod:`workshop_dist.quality`, and the floor FD(test set, train set) for scale.
 - **class accuracy** (conditional models, ``num_classes``): 100 samples asked of each class,
@@ -46,6 +47,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("configs/ddpm_unet_digits.yaml", {"time_samples": 16}),
     "dit": ("configs/dit_digits.yaml", {"time_samples": 16}),
     "gan": ("configs/gan_digits.yaml", {}),
+    # flow matching: the probability-flow ODE bound (exact divergence on 64 dims; diffrax tolerances)
+    "flow_dit": ("configs/flow_dit_digits.yaml", {"rtol": 1e-4, "atol": 1e-4}),
+    "flow_unet": ("configs/flow_unet_digits.yaml", {"rtol": 1e-4, "atol": 1e-4}),
+    "edm_dit": ("configs/edm_dit_digits.yaml", {}),  # EDM has no likelihood here
+    "edm_unet": ("configs/edm_unet_digits.yaml", {}),
 }
 QUICK_NLL = {"num_samples": 8, "chunk": 8, "time_samples": 2}
 

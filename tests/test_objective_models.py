@@ -141,3 +141,16 @@ def test_trainer_samples_with_the_sampler_and_steps_asked_for():
     assert trainer.model.network_evaluations("heun", 18) == 35 and trainer.model.network_evaluations("euler", 18) == 18
     with pytest.raises(ValueError, match="unknown sampler 'ddim'"):
         trainer.generate_samples(2, seed=1, sampler="ddim")
+
+
+def test_flow_matching_has_a_likelihood_bound_and_edm_none():
+    assert not hasattr(build("dit", "edm"), "nll")
+    model = build("dit", "flow_matching")
+    model.eval()
+    graphdef, state = nnx.split(model)
+    nll = jax.jit(lambda state, batch: nnx.merge(graphdef, state).nll(batch, jax.random.key(0), rtol=1e-3, atol=1e-3))
+    batch = {"image": digits(2)["image"]}
+    values = np.asarray(nll(state, batch))
+    # an untrained velocity field: a finite bound, and no tighter than what uniform levels cost per pixel
+    assert values.shape == (2,) and np.all(np.isfinite(values))
+    assert np.all(values > 0.5 * 64 * np.log(17)), values

@@ -60,9 +60,10 @@ def parameters_class(network: type[StrictConfig], objective: str) -> type[Strict
 @functools.cache
 def model_class(family: str, network: type[StrictConfig], build: NetworkBuilder, objective: str) -> type:
     """The model class of ``family`` (``dit``, ``ddpm_unet``) trained with ``objective``."""
+    likelihood = hasattr(OBJECTIVES[objective], "nll")  # flow matching: the probability-flow ODE bound
     return type(
         f"{network.__name__.removesuffix('NetworkParameters')}{OBJECTIVES[objective].__name__}",
-        (ObjectiveModel,),
+        (LikelihoodMixin, ObjectiveModel) if likelihood else (ObjectiveModel,),
         {"Parameters": parameters_class(network, objective), "family": family, "build_network": staticmethod(build),
          "objective_name": objective, "__module__": __name__},
     )
@@ -159,15 +160,18 @@ class ObjectiveModel(GenerativeModel):
         """Network evaluations per sample of a fixed-step sampler (None: adaptive)."""
         return self.objective.network_evaluations(sampler, steps)
 
+
+class LikelihoodMixin:
+    """``nll`` for the objectives that have a likelihood (flow matching)."""
+
     def nll(self, batch: dict[str, jax.Array], rng: jax.Array, **options: Any) -> jax.Array:
         """Flow matching: an upper bound on ``-log P(levels)`` in nats per image through the
         probability-flow ODE (exact divergence on small images, Hutchinson's otherwise); with
         labels, of the uniform mixture over classes, like the diffusion bound."""
-        nll = getattr(self.objective, "nll", None)
-        if nll is None or self.unit_data:
-            raise ConfigError(f"{self.objective_name} on {self.family}: no likelihood for this objective or data")
+        if self.unit_data:
+            raise ConfigError(f"{self.family}: the likelihood bound is over integer levels (data.normalize: levels)")
         x, labels = self.to_model(batch["image"]), batch.get("label")
         keys = jax.random.split(rng, x.shape[0])
-        bound = nll(self._network, x, 2.0 / self.top, keys, labels, **options)
+        bound = self.objective.nll(self._network, x, 2.0 / self.top, keys, labels, **options)
         # with labels: -log p(x) <= -log p(x | y) + log num_classes (the uniform mixture over classes)
         return bound + (math.log(self.num_classes) if self.num_classes and labels is not None else 0.0)

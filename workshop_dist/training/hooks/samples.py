@@ -1,4 +1,5 @@
-"""A grid of ``cadence.num_samples`` samples at each evaluation: ``WORKDIR/samples/step_<N>.png`` and TensorBoard.
+"""A grid of ``cadence.num_samples`` samples at each evaluation: ``WORKDIR/samples/step_<N>.png`` and TensorBoard,
+and the time sampling took in the log (the first time includes compilation).
 
 Conditional models get one row per class. Every process samples (it runs on the whole mesh);
 only the primary writes.
@@ -6,6 +7,8 @@ only the primary writes.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -15,6 +18,8 @@ from workshop_dist.data import DataConfiguration
 from workshop_dist.metrics import MetricsLogger, is_primary
 from workshop_dist.training import evaluation
 from workshop_dist.training.engine import Engine
+
+log = logging.getLogger("workshop_dist")
 
 
 class SamplesHook:
@@ -56,7 +61,10 @@ class SamplesHook:
             per_class = max(1, count // classes)
             labels = np.repeat(np.arange(classes), per_class)
             count, columns = len(labels), per_class
-        images = evaluation.generate(self.engine, state, count, None, labels, {})
+        start = time.perf_counter()
+        images = evaluation.generate(self.engine, state, count, None, labels, {})  # back on the host: done
+        seconds = time.perf_counter() - start
+        log.info("Sampled %d images at step %d in %.2f s (the first time includes compilation).", count, step, seconds)
         top = self.data_max
         if top is None:
             top = float(np.max(images)) if images.size else 1.0
