@@ -83,11 +83,11 @@ def train(config: Path, workdir: Path, overrides: list[str], log: Path) -> float
     return seconds
 
 
-def load(workdir: Path):
-    """A Trainer on one device holding the run's latest checkpoint, and the run's resolved config.
+def load(workdir: Path, all_devices: bool = False):
+    """A Trainer holding the run's latest checkpoint, and the run's resolved config.
 
-    One device: evaluation here is small, and any batch size splits over it (a checkpoint
-    restores onto any mesh).
+    One device unless ``all_devices``: evaluation here is small, and any batch size splits over
+    it (a checkpoint restores onto any mesh).
     """
     import logging
 
@@ -114,7 +114,7 @@ def load(workdir: Path):
         None,
         logger=Logger(None, level=40),
         metrics_logger=MetricsLogger("", enabled=False),
-        mesh=parallel.make_mesh(mesh_config, jax.devices()[:1]),
+        mesh=parallel.make_mesh(mesh_config, jax.devices() if all_devices else jax.devices()[:1]),
         mesh_config=mesh_config,
     )
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

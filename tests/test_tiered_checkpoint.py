@@ -120,11 +120,13 @@ def test_a_trainers_state_and_data_position_round_trip_through_the_local_tier(tm
     trainer = make_trainer(tmp_path / "work", steps_per_epoch=2, num_epochs=2)
     manager = TieredCheckpointManager(tmp_path / "persistent", LocalCheckpointConfiguration(directory=str(tmp_path / "l"), every=1))
     trainer.train_epoch()
-    manager.save(trainer.step, trainer.state, metadata=trainer._metadata(), config={"run": 1},
-                 data_iterator=trainer._data_iterator, persistent=False)  # fmt: skip
+    manager.save(trainer.step, trainer.state, metadata={"step": trainer.step}, config={"run": 1},
+                 data_iterator=trainer.train_input.checkpointable_iterator, persistent=False)  # fmt: skip
     manager.wait()
     fresh = make_trainer(tmp_path / "work2", steps_per_epoch=2, num_epochs=2)
-    state, _, step, data_restored = manager.restore(fresh.engine.initial_state_shapes(), data_iterator=fresh._data_iterator)
+    state, _, step, data_restored = manager.restore(
+        fresh.engine.state_shapes, data_iterator=fresh.train_input.checkpointable_iterator
+    )
     assert (step, manager.restored_tier, data_restored) == (2, "local", True)
     assert_identical(state, trainer.state)
     manager.close()

@@ -110,8 +110,9 @@ _APPLY = {"features": _features, "logits": _logits}
 
 
 @functools.cache
-def train_classifier(seed: int = 0) -> Classifier:
-    """Train (once per process and seed; a few seconds) the feature classifier on the training split.
+def train_classifier(seed: int = 0, steps: int | None = None) -> Classifier:
+    """Train (once per process and seed; a few seconds) the feature classifier on the training split
+    (``steps``: only the run's first minibatches, for tests).
 
     Deterministic: AdamW over minibatches of 100 in an order drawn once from ``seed`` (numpy),
     from an initialisation seeded by ``seed``, for a fixed number of epochs, all in one jitted
@@ -125,6 +126,7 @@ def train_classifier(seed: int = 0) -> Classifier:
         tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
         xb, yb = _augmented_batches(train["image"], train["label"], np.random.default_rng(seed))
+        xb, yb = xb[:steps], yb[:steps]
 
         def loss_fn(p, images, labels):
             logits = nnx.merge(graphdef, p)(images)
