@@ -1,6 +1,6 @@
 """MFU: a DiT trained by the Trainer and by a bare ``jax.jit`` loop of the same model, in the same run.
 
-The ``h100`` size is a DiT-L/2 (hidden 1024, depth 24, 16 heads, ~460M parameters) on 32x32x4
+The ``h100`` size is a flow-matching DiT-L/2 (hidden 1024, depth 24, 16 heads, ~460M parameters) on 32x32x4
 latents with patch 2 (256 tokens), global batch 256, bf16 compute with float32 master weights,
 adam. Both loops run the same model, the same optax transformation and the same data (random
 latents staged on the devices, gathered per step); repetitions are interleaved (A B A B).
@@ -51,7 +51,7 @@ def model_config(size: dict, remat: str, dtype: str = "float32"):
         data=DataSpec(num_levels=256),
         parameters={
             "patch_size": 2, "hidden_size": size["hidden_size"], "depth": size["depth"], "num_heads": size["num_heads"],
-            "prediction": "eps", "loss": "simple", "num_classes": 1000,
+            "objective": "flow_matching", "time_sampling": "logit_normal", "num_classes": 1000,
         },
     )
 

@@ -1,113 +1,95 @@
-"""Sample quality against network evaluations (NFE) and sampling speed, for trained runs.
+"""Sampling speed: the Trainer's ``generate_samples`` against a bare jitted loop of the same network and sampler.
 
-For each run (a workdir that ``workshop-train`` or ``benchmarks/digits_quality.py --workdir``
-wrote) and each ``SAMPLER:STEPS`` it draws ``--samples`` class-conditional digits in one jitted
-call sharded over the devices, scores them (FD to the test split and class accuracy, as
-``digits_quality.py``) and times the call. Timing is interleaved: every configuration runs once
-per round (A B C A B C ...), after a compiling warm-up, and the table gives the median over
-rounds and the ratio to the first configuration of the same run, measured in the same rounds.
-With ``--figure`` it plots FD against NFE, one line per run and sampler.
+Both draw ``--samples`` class-conditional samples from the same model (a flow-matching DiT of
+``--config``'s size, fresh weights: speed does not depend on training) with the same sampler and
+step count, in one jitted call each; the bare loop is ``jax.jit(lambda state, key, labels:
+nnx.merge(graphdef, state).sample(...))`` on one device's arrays, the Trainer's is sharded over
+the mesh. Repetitions are interleaved (A B A B) after a compiling warm-up; the ratio is
+Trainer images/s over bare images/s, per repetition, median and range.
 
-    python benchmarks/digits_quality.py --families flow_dit,edm_dit --workdir runs/quality
-    python benchmarks/sampling.py runs/quality/flow_dit runs/quality/edm_dit \\
-        --samplers euler:4,8,16,32 heun:2,4,8,16 --figure docs/fd_vs_nfe.png
+    python benchmarks/sampling.py --devices 1
+    python benchmarks/sampling.py --devices 8 --samples 512
+    python benchmarks/sampling.py --devices 0 --size large     # the machine's real devices (GPU)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
+from common import use_cpu_devices
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def parse_samplers(items: list[str]) -> list[tuple[str, int]]:
-    """``["heun:2,4", "euler:8"]`` -> ``[("heun", 2), ("heun", 4), ("euler", 8)]``."""
-    out = []
-    for item in items:
-        name, _, steps = item.partition(":")
-        if not name or not steps:
-            raise SystemExit(f"--samplers wants SAMPLER:STEPS[,STEPS...], got '{item}'")
-        out.extend((name, int(s)) for s in steps.split(","))
-    return out
+SIZES = {  # DiT sizes over 8x8 digits (``digits``) or 32x32x4 latents (``large``: DiT-B/2-like)
+    "digits": {"input_dim": [8, 8, 1], "hidden_size": 64, "depth": 4, "num_heads": 4},
+    "large": {"input_dim": [32, 32, 4], "hidden_size": 768, "depth": 12, "num_heads": 12},
+}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="workdirs of trained runs")
-    parser.add_argument("--samplers", nargs="+", default=["euler:4,8,16,32", "heun:2,4,8,16"])
-    parser.add_argument("--samples", type=int, default=1000, help="samples per configuration (default 1000)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
-    parser.add_argument("--figure", help="write FD against NFE to this PNG")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=1, help="Simulated CPU devices (0: the real devices).")
+    parser.add_argument("--size", choices=sorted(SIZES), default="digits")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--sampler", default="heun")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    use_cpu_devices(args.devices)
     import jax
-    from digits_quality import load
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
 
-    from workshop_dist import quality
+    from workshop_dist import ModelConfiguration, Trainer, TrainingConfiguration, create_model, parallel
 
-    configurations = parse_samplers(args.samplers)
-    floor = quality.floor()
-    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; FD floor {floor:.1f}", flush=True)
-    rows = []
-    for run in map(Path, args.runs):
-        trainer, config = load(run, all_devices=True)
-        classes = trainer.engine.num_classes or 10
-        labels = np.repeat(np.arange(classes), args.samples // classes)
-        valid = [(name, steps) for name, steps in configurations if name in trainer.model.objective.samplers]
+    size = SIZES[args.size]
+    model_config = ModelConfiguration(
+        model_class="dit", input_dim=size["input_dim"],
+        parameters={"objective": "flow_matching", "num_classes": 10, "guidance_scale": 2.0, "patch_size": 2,
+                    **{k: v for k, v in size.items() if k != "input_dim"}},
+    )  # fmt: skip
+    mesh = parallel.make_mesh(parallel.MeshConfiguration(data=-1))
+    trainer = Trainer(model_config, TrainingConfiguration(batch_size=mesh.size, cadence={"num_samples": 0}),
+                      None, None, None, mesh=mesh, mesh_config=parallel.MeshConfiguration(data=-1))
+    labels = np.arange(args.samples) % 10
+    options = {"sampler": args.sampler, "steps": args.steps}
 
-        def draw(name: str, steps: int, trainer=trainer, labels=labels) -> np.ndarray:
-            return trainer.generate_samples(len(labels), seed=0, labels=labels, sampler=name, steps=steps)
+    model = create_model(model_config, rngs=nnx.Rngs(0))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    bare_fn = jax.jit(lambda state, key, labels: nnx.merge(graphdef, state).sample(key, args.samples, labels=labels, **options))
+    key, bare_labels = jax.random.key(0), jnp.asarray(labels)
 
-        images = {c: draw(*c) for c in valid}  # the warm-up compiles each; its samples are scored
-        times: dict[tuple[str, int], list[float]] = {c: [] for c in valid}
-        for _ in range(args.rounds):
-            for c in valid:
-                start = time.perf_counter()
-                draw(*c)
-                times[c].append(time.perf_counter() - start)
-        base = valid[0]
-        for c in valid:
-            scores = quality.sample_quality(quality.to_levels(images[c], config.data.normalize), labels)
-            ratio = statistics.median(t / b for t, b in zip(times[c], times[base], strict=True))
-            rows.append({
-                "run": run.name, "sampler": c[0], "steps": c[1], "nfe": trainer.model.network_evaluations(*c),
-                "seconds": statistics.median(times[c]), "ratio": ratio, "fd": scores["fd"],
-                "accuracy": scores["accuracy"],
-            })  # fmt: skip
-            row = rows[-1]
-            print(f"{run.name} {c[0]}:{c[1]} NFE {row['nfe']} FD {row['fd']:.1f} acc {row['accuracy']:.3f} "
-                  f"{row['seconds']:.2f} s ({ratio:.2f}x {base[0]}:{base[1]})", flush=True)
-        trainer.close()
-    print(f"\n| run | sampler | steps | NFE | FD (floor {floor:.1f}) | class accuracy | s / {args.samples} samples | "
-          "time / first |\n|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['run']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fd']:.1f} | {r['accuracy']:.3f} | "
-              f"{r['seconds']:.2f} | {r['ratio']:.2f} |")
-    if args.figure:
-        import matplotlib
+    def trainer_call() -> None:
+        trainer.generate_samples(args.samples, seed=0, labels=labels, **options)  # returns numpy: finished
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def bare_call() -> None:
+        np.asarray(bare_fn(state, key, bare_labels))
 
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for key in dict.fromkeys((r["run"], r["sampler"]) for r in rows):
-            line = [r for r in rows if (r["run"], r["sampler"]) == key]
-            axes.plot([r["nfe"] for r in line], [r["fd"] for r in line], marker="o", label=" ".join(key))
-        axes.axhline(floor, color="grey", linestyle="--", label="floor (test vs train)")
-        axes.set(xscale="log", xlabel="network evaluations per sample", ylabel="FD to the test digits")
-        axes.legend()
-        axes.grid(True, alpha=0.3)
-        figure.savefig(args.figure, dpi=120, bbox_inches="tight")
-        print(f"figure: {args.figure}")
-    return 0
+    calls = {"trainer": trainer_call, "bare": bare_call}
+    for call in calls.values():
+        call()  # compile
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            seconds[name].append(time.perf_counter() - start)
+    nfe = trainer.model.network_evaluations(args.sampler, args.steps)
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}; DiT {args.size} "
+          f"{size['input_dim']}, {args.samples} samples, {args.sampler} {args.steps} steps ({nfe} NFE, guided)")
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"{name:8s} {median * 1e3:9.1f} ms per call | {args.samples / median:9.1f} images/s")
+    ratios = [b / t for t, b in zip(seconds["trainer"], seconds["bare"], strict=True)]
+    print(f"Trainer / bare (images/s) = {statistics.median(ratios):.3f} [{min(ratios):.3f}..{max(ratios):.3f}]")
+    trainer.close()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

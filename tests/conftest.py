@@ -1,7 +1,7 @@
 """Tests run on 8 simulated CPU devices, so sharding is real even without accelerators.
 
-A per-session persistent compilation cache lets the many small Trainers that compile the
-same step share XLA's work (a fresh directory each session: nothing stale carries over).
+A persistent compilation cache for the test run lets the many small Trainers that compile the
+same step share XLA's work (a fresh directory each run: nothing stale carries over).
 
 The fast set (``python -m pytest -q -m "not slow"``, what a developer runs while working) must
 stay under 4 minutes on 2 cores. Its rule, enforced here: a test that starts a process (a
@@ -24,7 +24,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="workshop_dist_jax_cache_"))
+# One cache per test run, shared by pytest-xdist's workers (they inherit the variable from the
+# controller). Processes the tests start use workshop-train's own cache (compilation.cache_dir).
+CACHE = os.environ.setdefault("WORKSHOP_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="workshop_dist_jax_cache_"))
+jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

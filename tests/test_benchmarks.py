@@ -27,3 +27,12 @@ def test_mfu_benchmark_smoke_prints_both_loops_and_their_ratio():
         assert re.search(rf"{loop}: step +[\d.]+ ms \| +[\d.]+ images/s \| +[\d.]+ TFLOP/s", out), out
     ratio = float(re.search(r"Trainer / bare \(speed\) = ([\d.]+)", out).group(1))
     assert 0.2 < ratio < 5, out  # a smoke check: both loops ran the same work
+
+
+def test_sampling_benchmark_smoke_prints_both_samplers_and_their_ratio():
+    out = run_benchmark("sampling.py", "--devices", "8", "--samples", "32", "--steps", "2", "--repeats", "2")
+    for name in ("trainer", "bare"):
+        assert re.search(rf"{name} +[\d.]+ ms per call \| +[\d.]+ images/s", out), out
+    assert "heun 2 steps (4 NFE, guided)" in out
+    ratio = float(re.search(r"Trainer / bare \(images/s\) = ([\d.]+)", out).group(1))
+    assert 0.2 < ratio < 5, out  # a smoke check: both drew the same samples' worth of work

@@ -1,0 +1,113 @@
+"""Sample quality against network evaluations (NFE) and sampling speed, for trained runs.
+
+For each run (a workdir that ``workshop-train`` or ``benchmarks/digits_quality.py --workdir``
+wrote) and each ``SAMPLER:STEPS`` it draws ``--samples`` class-conditional digits in one jitted
+call sharded over the devices, scores them (FD to the test split and class accuracy, as
+``digits_quality.py``) and times the call. Timing is interleaved: every configuration runs once
+per round (A B C A B C ...), after a compiling warm-up, and the table gives the median over
+rounds and the ratio to the first configuration of the same run, measured in the same rounds.
+With ``--figure`` it plots FD against NFE, one line per run and sampler.
+
+    python benchmarks/digits_quality.py --families flow_dit,edm_dit --workdir runs/quality
+    python benchmarks/nfe_sweep.py runs/quality/flow_dit runs/quality/edm_dit \\
+        --samplers euler:4,8,16,32 heun:2,4,8,16 --figure docs/fd_vs_nfe.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def parse_samplers(items: list[str]) -> list[tuple[str, int]]:
+    """``["heun:2,4", "euler:8"]`` -> ``[("heun", 2), ("heun", 4), ("euler", 8)]``."""
+    out = []
+    for item in items:
+        name, _, steps = item.partition(":")
+        if not name or not steps:
+            raise SystemExit(f"--samplers wants SAMPLER:STEPS[,STEPS...], got '{item}'")
+        out.extend((name, int(s)) for s in steps.split(","))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="workdirs of trained runs")
+    parser.add_argument("--samplers", nargs="+", default=["euler:4,8,16,32", "heun:2,4,8,16"])
+    parser.add_argument("--samples", type=int, default=1000, help="samples per configuration (default 1000)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--figure", help="write FD against NFE to this PNG")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    from digits_quality import load
+
+    from workshop_dist import quality
+
+    configurations = parse_samplers(args.samplers)
+    floor = quality.floor()
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; FD floor {floor:.1f}", flush=True)
+    rows = []
+    for run in map(Path, args.runs):
+        trainer, config = load(run, all_devices=True)
+        classes = trainer.engine.num_classes or 10
+        labels = np.repeat(np.arange(classes), args.samples // classes)
+        valid = [(name, steps) for name, steps in configurations if name in trainer.model.objective.samplers]
+
+        def draw(name: str, steps: int, trainer=trainer, labels=labels) -> np.ndarray:
+            return trainer.generate_samples(len(labels), seed=0, labels=labels, sampler=name, steps=steps)
+
+        images = {c: draw(*c) for c in valid}  # the warm-up compiles each; its samples are scored
+        times: dict[tuple[str, int], list[float]] = {c: [] for c in valid}
+        for _ in range(args.rounds):
+            for c in valid:
+                start = time.perf_counter()
+                draw(*c)
+                times[c].append(time.perf_counter() - start)
+        base = valid[0]
+        for c in valid:
+            scores = quality.sample_quality(quality.to_levels(images[c], config.data.normalize), labels)
+            ratio = statistics.median(t / b for t, b in zip(times[c], times[base], strict=True))
+            rows.append({
+                "run": run.name, "sampler": c[0], "steps": c[1], "nfe": trainer.model.network_evaluations(*c),
+                "seconds": statistics.median(times[c]), "ratio": ratio, "fd": scores["fd"],
+                "accuracy": scores["accuracy"],
+            })  # fmt: skip
+            row = rows[-1]
+            print(f"{run.name} {c[0]}:{c[1]} NFE {row['nfe']} FD {row['fd']:.1f} acc {row['accuracy']:.3f} "
+                  f"{row['seconds']:.2f} s ({ratio:.2f}x {base[0]}:{base[1]})", flush=True)
+        trainer.close()
+    print(f"\n| run | sampler | steps | NFE | FD (floor {floor:.1f}) | class accuracy | s / {args.samples} samples | "
+          "time / first |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fd']:.1f} | {r['accuracy']:.3f} | "
+              f"{r['seconds']:.2f} | {r['ratio']:.2f} |")
+    if args.figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for key in dict.fromkeys((r["run"], r["sampler"]) for r in rows):
+            line = [r for r in rows if (r["run"], r["sampler"]) == key]
+            axes.plot([r["nfe"] for r in line], [r["fd"] for r in line], marker="o", label=" ".join(key))
+        axes.axhline(floor, color="grey", linestyle="--", label="floor (test vs train)")
+        axes.set(xscale="log", xlabel="network evaluations per sample", ylabel="FD to the test digits")
+        axes.legend()
+        axes.grid(True, alpha=0.3)
+        figure.savefig(args.figure, dpi=120, bbox_inches="tight")
+        print(f"figure: {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
