@@ -100,15 +100,19 @@ def _state_handler(replica_parallel: bool) -> ocp.PyTreeCheckpointHandler:
     """Arrays of the training state. Replica-parallel saving (replicated shards split between
     their replicas) spreads the writing over hosts, but slices every shard while the training
     loop waits; off by default, as Orbax does on GPUs."""
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=type_handlers(use_replica_parallel=replica_parallel))
+
+
+def type_handlers(**array_options: Any) -> Any:
+    """Orbax's handlers for the state's leaves; ``array_options`` go to its ``ArrayHandler``."""
     handlers = ocp.type_handlers
-    registry = handlers.create_type_handler_registry(
+    return handlers.create_type_handler_registry(
         (int, handlers.ScalarHandler()),
         (float, handlers.ScalarHandler()),
         (np.number, handlers.ScalarHandler()),
         (np.ndarray, handlers.NumpyHandler()),
-        (jax.Array, handlers.ArrayHandler(use_replica_parallel=replica_parallel)),
+        (jax.Array, handlers.ArrayHandler(**array_options)),
     )
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def _item_handlers(replica_parallel: bool = False) -> dict[str, Any]:

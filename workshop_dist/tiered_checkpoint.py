@@ -91,14 +91,8 @@ def layout_fingerprint(tree: Any) -> str:
 def _local_item_handlers(options: ocp.options.MultiprocessingOptions) -> dict[str, Any]:
     import grain.checkpoint as grain_checkpoint
 
-    handlers = ocp.type_handlers
-    registry = handlers.create_type_handler_registry(
-        (int, handlers.ScalarHandler()),
-        (float, handlers.ScalarHandler()),
-        (np.number, handlers.ScalarHandler()),
-        (np.ndarray, handlers.NumpyHandler()),
-        (jax.Array, handlers.ArrayHandler(primary_host=None, replica_id=None, use_replica_parallel=False)),  # all it holds
-    )
+    # each process writes all it holds
+    registry = ckpt.type_handlers(primary_host=None, replica_id=None, use_replica_parallel=False)
     return {
         ckpt.STATE: ocp.PyTreeCheckpointHandler(multiprocessing_options=options, type_handler_registry=registry),
         ckpt.DATA: grain_checkpoint.CheckpointHandler(),
@@ -200,18 +194,10 @@ class TieredCheckpointManager:
 
     # ----------------------------------------------------------------------- save
 
-    def save(
-        self,
-        step: int,
-        state: Any,
-        *,
-        metadata: Mapping[str, Any],
-        config: Mapping[str, Any] | None = None,
-        data_iterator: Any = None,
-        metrics: Mapping[str, float] | None = None,
-        persistent: bool = True,
-    ) -> bool:
-        """Save ``step`` to the local tier, and to the persistent one unless ``persistent=False``."""
+    def save(self, step: int, state: Any, *, metadata: Mapping[str, Any], persistent: bool = True, **items: Any) -> bool:
+        """Save ``step`` to the local tier, and to the persistent one unless ``persistent=False``;
+        ``items`` are :meth:`CheckpointManager.save`'s (``config``, ``data_iterator``, ``metrics``)."""
+        config, data_iterator = items.get("config"), items.get("data_iterator")
         local_saved = False
         self.local_guard.settle()
         if step not in self._local.all_steps():
@@ -221,9 +207,7 @@ class TieredCheckpointManager:
             local_saved = self.local_guard.save(step, lambda: self._local.save(step, args=args, force=True))
         persisted = False
         if persistent:
-            persisted = self.persistent.save(
-                step, state, metadata=metadata, config=config, data_iterator=data_iterator, metrics=metrics
-            )
+            persisted = self.persistent.save(step, state, metadata=metadata, **items)
         return local_saved or persisted
 
     def wait(self) -> None:

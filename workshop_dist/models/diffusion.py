@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,8 @@ from workshop_dist.models import layers
 from workshop_dist.models.base import GenerativeModel
 from workshop_dist.models.config import LevelsParameters, ModelConfiguration, data_levels
 from workshop_dist.models.keys import ExampleKeys
-from workshop_dist.models.registry import validate_parameters
+from workshop_dist.models.objective_model import model_class, objective_name
+from workshop_dist.models.registry import register_model, validate_parameters
 
 Schedule = Literal["linear", "cosine"]
 GAMMA_MAX = 15.0  # clips the cosine schedule's end (alpha = 0 there): the prior KL is ~1e-7 nats
@@ -108,15 +109,30 @@ def remat_policy(name: str) -> Callable[[Callable], Callable] | None:
 
 
 class DiffusionModel(GenerativeModel):
-    """The diffusion objective and samplers; subclasses set ``self.network(z, t, labels) -> out``.
+    """The diffusion objective and samplers over ``self.network(z, t, labels) -> out``.
 
     ``out`` has ``channels`` (eps, v) or ``channels * num_levels`` (levels) features per pixel.
+    A backbone subclass sets ``family``, ``network_parameters`` (its sizes) and ``build_network``
+    ``(hp, image_shape, out_features, num_classes, remat, **layer_kwargs) -> network``; with
+    ``parameters.objective`` flow_matching or edm, :meth:`select_class` gives the same network
+    under that objective instead (:mod:`workshop_dist.models.objective_model`).
     """
 
     Parameters = DiffusionParameters
     per_example_keys = True
+    family: ClassVar[str]
+    network_parameters: ClassVar[type]
+    build_network: ClassVar[Callable[..., nnx.Module]]
 
-    def __init__(self, config: ModelConfiguration):
+    @classmethod
+    def select_class(cls, config: ModelConfiguration) -> type:
+        """This class for ``parameters.objective: diffusion``; flow matching or EDM over the same network."""
+        objective = objective_name(config, cls.family)
+        if objective == "diffusion":
+            return cls
+        return model_class(cls.family, cls.network_parameters, cls.build_network, objective)
+
+    def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
         self.hp = validate_parameters(type(self), config)
         self.image_shape = tuple(config.input_dim)
         self.channels = self.image_shape[-1]
@@ -128,6 +144,9 @@ class DiffusionModel(GenerativeModel):
         # on the host: concrete even when the model is built abstractly or inside a jitted init
         ends = gamma_schedule(self.hp.schedule, np.array([0.0, 1.0], np.float32), self.hp.timesteps, xp=np)
         self.gamma_ends = (float(ends[0]), float(ends[1]))
+        self.network = type(self).build_network(
+            self.hp, self.image_shape, self.out_features, self.num_classes, self.remat, rngs=rngs, **layers.dtypes(config)
+        )
 
     # --- noise levels and data scaling -------------------------------------------------------
     def gamma(self, t: jax.Array) -> jax.Array:
@@ -306,3 +325,12 @@ class DiffusionModel(GenerativeModel):
         z = jax.random.normal(k_init, (num_samples, *self.image_shape))
         z, _ = jax.lax.fori_loop(0, steps, step, (z, k_loop))
         return self.to_levels(predict(z, self.gamma(jnp.float32(0.0)))["x"])
+
+
+def register_backbone(family: str, parameters: type, network_parameters: type, build: Callable[..., nnx.Module]) -> type:
+    """Register ``model_class: <family>``: diffusion over the network ``build`` makes (``parameters``:
+    its sizes plus the diffusion options; ``network_parameters``: its sizes alone, for the other objectives)."""
+    attributes = {"Parameters": parameters, "family": family, "network_parameters": network_parameters,
+                  "build_network": staticmethod(build), "__module__": build.__module__,
+                  "__doc__": f"Diffusion over the ``{family}`` network (``model.parameters``: :class:`{parameters.__name__}`)."}
+    return register_model(family)(type(f"{parameters.__name__.removesuffix('Parameters')}Model", (DiffusionModel,), attributes))

@@ -20,26 +20,24 @@ from flax import nnx
 
 from workshop_dist.config import ConfigError, StrictConfig
 from workshop_dist.models import layers
-from workshop_dist.models.config import ModelConfiguration
 from workshop_dist.models.diffusion import (
-    DiffusionModel,
     DiffusionParameters,
+    register_backbone,
     remat_policy,
     timestep_embedding,
 )
 from workshop_dist.models.layers import dense, layer_norm
-from workshop_dist.models.objective_model import model_class, objective_name
-from workshop_dist.models.registry import register_model
 
 
 class DiTNetworkParameters(StrictConfig):
     """The transformer's sizes (DiT-S/2 is hidden 384, depth 12, 6 heads)."""
 
     patch_size: int = pydantic.Field(2, ge=1, description="Side of the square patches (tokens).")
+    # each block: attention over the tokens, then an MLP of mlp_ratio x hidden_size
     hidden_size: int = pydantic.Field(128, ge=1, description="Token width.")
-    depth: int = pydantic.Field(4, ge=1, description="Transformer blocks.")
     num_heads: int = pydantic.Field(4, ge=1, description="Attention heads.")
-    mlp_ratio: float = pydantic.Field(4.0, gt=0, description="MLP width / token width.")
+    mlp_ratio: float = pydantic.Field(4.0, gt=0, le=64, description="MLP width / token width.")
+    depth: int = pydantic.Field(4, ge=1, description="Transformer blocks.")
 
 
 class DiTParameters(DiffusionParameters, DiTNetworkParameters):
@@ -128,22 +126,11 @@ class DiT(nnx.Module):
         return out.reshape(batch, height, width, self.out_features)
 
 
-@register_model("dit")
-class DiTModel(DiffusionModel):
-    """Diffusion model with the DiT denoiser (``model.parameters``: :class:`DiTParameters`)."""
+def build_dit(hp: DiTNetworkParameters, image_shape: tuple[int, ...], *args: Any, **kwargs: Any) -> DiT:
+    """The DiT for ``image_shape`` (H, W, C)."""
+    if len(image_shape) != 3:
+        raise ConfigError(f"dit needs input_dim (H, W, C), got {list(image_shape)}")
+    return DiT(hp, image_shape, *args, **kwargs)
 
-    Parameters = DiTParameters
 
-    @classmethod
-    def select_class(cls, config: ModelConfiguration) -> type:
-        """``parameters.objective``: this class for ``diffusion``; flow matching or EDM over the same network."""
-        objective = objective_name(config, "dit")
-        return cls if objective == "diffusion" else model_class("dit", DiTNetworkParameters, DiT, objective)
-
-    def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
-        super().__init__(config)
-        if len(self.image_shape) != 3:
-            raise ConfigError(f"dit needs input_dim (H, W, C), got {self.image_shape}")
-        self.network = DiT(
-            self.hp, self.image_shape, self.out_features, self.num_classes, self.remat, rngs=rngs, **layers.dtypes(config)
-        )
+DiTModel = register_backbone("dit", DiTParameters, DiTNetworkParameters, build_dit)

@@ -18,16 +18,13 @@ from flax import nnx
 
 from workshop_dist.config import ConfigError, StrictConfig
 from workshop_dist.models import layers
-from workshop_dist.models.config import ModelConfiguration
 from workshop_dist.models.diffusion import (
-    DiffusionModel,
     DiffusionParameters,
+    register_backbone,
     remat_policy,
     timestep_embedding,
 )
 from workshop_dist.models.layers import conv, dense, group_norm
-from workshop_dist.models.objective_model import model_class, objective_name
-from workshop_dist.models.registry import register_model
 
 
 class UNetNetworkParameters(StrictConfig):
@@ -143,25 +140,6 @@ class UNet(nnx.Module):
         return self.head(nnx.swish(self.head_norm(h)))
 
 
-@register_model("ddpm_unet")
-class DDPMUNet(DiffusionModel):
-    """Diffusion model with the U-Net denoiser (``model.parameters``: :class:`UNetParameters`)."""
-
-    Parameters = UNetParameters
-
-    @classmethod
-    def select_class(cls, config: ModelConfiguration) -> type:
-        """``parameters.objective``: this class for ``diffusion``; flow matching or EDM over the same network."""
-        objective = objective_name(config, "ddpm_unet")
-        return cls if objective == "diffusion" else model_class("ddpm_unet", UNetNetworkParameters, build_unet, objective)
-
-    def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
-        super().__init__(config)
-        self.network = build_unet(
-            self.hp, self.image_shape, self.out_features, self.num_classes, self.remat, rngs=rngs, **layers.dtypes(config)
-        )
-
-
 def build_unet(hp: UNetNetworkParameters, image_shape: tuple[int, ...], out_features: int, num_classes: int,
                remat: str, **kw: Any) -> UNet:
     """The U-Net for ``image_shape`` (H, W, C), after checking that its levels halve the image evenly."""
@@ -173,3 +151,6 @@ def build_unet(hp: UNetNetworkParameters, image_shape: tuple[int, ...], out_feat
             f"but {height}x{width} is not divisible by {factor}; use fewer widths"
         )
     return UNet(hp, channels, out_features, num_classes, remat, **kw)
+
+
+DDPMUNet = register_backbone("ddpm_unet", UNetParameters, UNetNetworkParameters, build_unet)

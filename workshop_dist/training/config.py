@@ -163,16 +163,16 @@ class PerformanceConfiguration(StrictConfig):
     steps_per_call: int = pydantic.Field(
         1, ge=1, description="Training steps per jitted call (lax.scan): less dispatch for small models."
     )
-    data_on_device: bool = pydantic.Field(
-        False,
-        description="Stage an in-memory training set on the mesh once and gather batches there "
-        "(same order as the pipeline); for data that fits in device memory.",
-    )
     max_steps_in_flight: int = pydantic.Field(
         2,
         ge=1,
         description="How many steps the host may run ahead of the device (bounded async dispatch: "
         "the device always has queued work, and XLA:CPU collectives cannot deadlock on a long queue).",
+    )
+    data_on_device: bool = pydantic.Field(
+        False,
+        description="Stage an in-memory training set on the mesh once and gather batches there "
+        "(same order as the pipeline); for data that fits in device memory.",
     )
 
 

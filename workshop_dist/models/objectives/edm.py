@@ -24,20 +24,10 @@ import jax.numpy as jnp
 import pydantic
 
 from workshop_dist.models import samplers
-from workshop_dist.models.objectives.base import (
-    ConditioningConfig,
-    Network,
-    Objective,
-    Samples,
-    as_keys,
-    mean_per_example,
-    normal_per_example,
-    right_broadcast,
-    split_per_example,
-)
+from workshop_dist.models.objectives import base
 
 
-class EDMConfig(ConditioningConfig):
+class EDMConfig(base.ConditioningConfig):
     """Preconditioning, training noise levels and the sampler's schedule (EDM's defaults)."""
 
     sigma_data: float = pydantic.Field(0.5, gt=0, description="Standard deviation of the data (EDM's sigma_data).")
@@ -73,7 +63,7 @@ def loss_weight(sigma: jax.Array, sigma_data: float) -> jax.Array:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-class EDM(Objective):
+class EDM(base.Objective):
     """EDM (:class:`EDMConfig`); levels are noise levels ``sigma``, the network sees ``c_noise``."""
 
     Config = EDMConfig
@@ -82,12 +72,12 @@ class EDM(Objective):
     config: EDMConfig
 
     def precondition(
-        self, network: Network, x: jax.Array, sigma: jax.Array, labels: jax.Array | None
+        self, network: base.Network, x: jax.Array, sigma: jax.Array, labels: jax.Array | None
     ) -> jax.Array:
         """The unguided denoiser ``D(x, sigma)`` (``sigma`` is ``[B]``)."""
         c_skip, c_out, c_in, c_noise = preconditioning(sigma, self.config.sigma_data)
-        out = network(right_broadcast(c_in, x) * x, c_noise, labels).astype(jnp.float32)
-        return right_broadcast(c_skip, x) * x + right_broadcast(c_out, x) * out
+        out = network(base.right_broadcast(c_in, x) * x, c_noise, labels).astype(jnp.float32)
+        return base.right_broadcast(c_skip, x) * x + base.right_broadcast(c_out, x) * out
 
     def denoise(self, network, x, level, labels=None, *, guidance_scale=None):
         predict = lambda x, sigma, lab: self.precondition(network, x, sigma, lab)  # noqa: E731
@@ -96,15 +86,15 @@ class EDM(Objective):
     def ode_velocity(self, network, x, level, labels=None, *, guidance_scale=None):
         """``dx/dsigma = (x - D(x, sigma)) / sigma``."""
         denoised = self.denoise(network, x, level, labels, guidance_scale=guidance_scale)
-        return (x - denoised) / right_broadcast(level, x)
+        return (x - denoised) / base.right_broadcast(level, x)
 
     def example_losses(self, network, x, keys, labels=None):
-        keys = as_keys(keys, x.shape[0])
-        k_sigma, k_noise, k_label = split_per_example(keys, 3)
+        keys = base.as_keys(keys, x.shape[0])
+        k_sigma, k_noise, k_label = base.split_per_example(keys, 3)
         sigma = jnp.exp(self.config.p_mean + self.config.p_std * jax.vmap(jax.random.normal)(k_sigma))
-        noisy = x + right_broadcast(sigma, x) * normal_per_example(k_noise, x.shape[1:])
+        noisy = x + base.right_broadcast(sigma, x) * base.normal_per_example(k_noise, x.shape[1:])
         labels = self.conditioning.training_labels(labels, k_label, x.shape[0])
-        mse = mean_per_example((self.precondition(network, noisy, sigma, labels) - x) ** 2)
+        mse = base.mean_per_example((self.precondition(network, noisy, sigma, labels) - x) ** 2)
         return {"loss": loss_weight(sigma, self.config.sigma_data) * mse, "mse": mse}
 
     def sigmas(self, steps: int) -> jax.Array:
@@ -113,11 +103,11 @@ class EDM(Objective):
 
     def sample(self, network, keys, example_shape, labels=None, *, sampler=None, steps=None, guidance_scale=None):
         name, steps = self._sampler_and_steps(sampler, steps)
-        keys = as_keys(keys)
+        keys = base.as_keys(keys)
         batch = keys.shape[0]
-        k_init, k_steps = split_per_example(keys, 2)
+        k_init, k_steps = base.split_per_example(keys, 2)
         labels = self.conditioning.sampling_labels(labels, batch)
-        x = self.config.sigma_max * normal_per_example(k_init, tuple(example_shape))
+        x = self.config.sigma_max * base.normal_per_example(k_init, tuple(example_shape))
         sigmas = self.sigmas(steps)
 
         def field(x: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -133,4 +123,4 @@ class EDM(Objective):
                 field, x, sigmas, k_steps, s_churn=c.s_churn, s_min=c.s_min, s_max=c.s_max, s_noise=c.s_noise
             )
         nfe = samplers.network_evaluations(self._sampler_kinds[name], steps)
-        return Samples(out, jnp.full((batch,), nfe, jnp.int32))
+        return base.Samples(out, jnp.full((batch,), nfe, jnp.int32))
