@@ -110,7 +110,8 @@ def test_bad_parameters_are_config_errors():
         build("ddpm_unet", widths=[8, 8, 8, 8, 8])
 
 
-@pytest.mark.parametrize("kind, sampler", [("ddpm_unet", "ddpm"), ("dit", "ddim")])
+# the U-Net's convolutions inside the sampling loop compile slowly on XLA:CPU: its case is slow
+@pytest.mark.parametrize("kind, sampler", [pytest.param("ddpm_unet", "ddpm", marks=pytest.mark.slow), ("dit", "ddim")])
 def test_samplers_return_levels(kind, sampler):
     model = build(kind, num_classes=10)
     model.eval()
