@@ -121,9 +121,8 @@ def run(args: argparse.Namespace) -> int:
     from workshop_dist import compilation, data, parallel, storage
 
     compilation.enable_cache(config.compilation)
-    from workshop_dist.metrics import Logger, MetricsLogger
+    from workshop_dist.metrics import Logger
     from workshop_dist.training import Trainer
-    from workshop_dist.training.preemption import PreemptionWatcher
 
     training = config.training
     train_input = data.make_train_input(config.data, global_batch_size=training.batch_size, seed=training.seed)
@@ -131,18 +130,36 @@ def run(args: argparse.Namespace) -> int:
         return plot_schedule(training, train_input.steps_per_epoch, Path(args.plot_schedule))
 
     workdir = storage.as_path(args.workdir)  # a local directory or gs://bucket/path
-    level = config.logging.console_level(quiet=args.quiet, verbose=args.verbose)  # the flags win
-    quiet = level >= logging.WARNING
-    logger = Logger(None if args.dry_run else workdir / "logs", level=level)
-    mesh = parallel.make_mesh(config.mesh)
-    parallel.check_batch_size(training.batch_size, mesh)
-    logger.info(distributed.topology_summary(mesh, training.batch_size // _process_count()))
+    lock = None
+    if not args.dry_run:  # before anything is written there: one message, not tracebacks at the first save
+        from workshop_dist import preflight, workdir_lock
 
-    model = config.model  # built abstractly, initialised straight into its shardings
-    if args.dry_run:
-        trainer = Trainer(model, training, train_input, None, None, logger=logger, mesh=mesh, mesh_config=config.mesh)
-        return dry_run(trainer, next(train_input))
+        preflight.check_storage(workdir, config.data.data_dir)
+        lock = workdir_lock.hold_workdir(workdir, timeout=training.checkpoint.lock_timeout)  # one job per workdir
+    try:
+        level = config.logging.console_level(quiet=args.quiet, verbose=args.verbose)  # the flags win
+        logger = Logger(None if args.dry_run else workdir / "logs", level=level)
+        mesh = parallel.make_mesh(config.mesh)
+        parallel.check_batch_size(training.batch_size, mesh)
+        logger.info(distributed.topology_summary(mesh, training.batch_size // _process_count()))
+        if args.dry_run:  # the model built abstractly, initialised straight into its shardings
+            trainer = Trainer(config.model, training, train_input, None, None, logger=logger, mesh=mesh,
+                              mesh_config=config.mesh)
+            return dry_run(trainer, next(train_input))
+        return _train(args, config, workdir, train_input, logger, mesh, level >= logging.WARNING)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(args, config, workdir, train_input, logger, mesh, quiet: bool) -> int:
+    """Build the Trainer, resume or start, train, and say where everything went."""
+    from workshop_dist import data, distributed, storage
+    from workshop_dist.metrics import MetricsLogger
+    from workshop_dist.training import Trainer
+    from workshop_dist.training.preemption import PreemptionWatcher
+
+    training, model = config.training, config.model
     val_input = data.make_eval_input(config.data, global_batch_size=training.batch_size)
     watcher = PreemptionWatcher().install()
     trainer = Trainer(
