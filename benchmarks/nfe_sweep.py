@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samplers", nargs="+", default=["euler:4,8,16,32", "heun:2,4,8,16"])
     parser.add_argument("--samples", type=int, default=1000, help="samples per configuration (default 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--guidance", default="", help="comma-separated guidance scales (default: the config's)")
     parser.add_argument("--figure", help="write FD against NFE to this PNG")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from workshop_dist import quality
 
-    configurations = parse_samplers(args.samplers)
+    scales = [float(g) for g in args.guidance.split(",") if g.strip()] or [None]
+    configurations = [(name, steps, g) for name, steps in parse_samplers(args.samplers) for g in scales]
     floor = quality.floor()
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; FD floor {floor:.1f}", flush=True)
     rows = []
@@ -60,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         trainer, config = load(run, all_devices=True)
         classes = trainer.engine.num_classes or 10
         labels = np.repeat(np.arange(classes), args.samples // classes)
-        valid = [(name, steps) for name, steps in configurations if name in trainer.model.objective.samplers]
+        valid = [c for c in configurations if c[0] in trainer.model.objective.samplers]
 
-        def draw(name: str, steps: int, trainer=trainer, labels=labels) -> np.ndarray:
-            return trainer.generate_samples(len(labels), seed=0, labels=labels, sampler=name, steps=steps)
+        def draw(name: str, steps: int, guidance: float | None, trainer=trainer, labels=labels) -> np.ndarray:
+            options = {} if guidance is None else {"guidance_scale": guidance}
+            return trainer.generate_samples(len(labels), seed=0, labels=labels, sampler=name, steps=steps, **options)
 
         images = {c: draw(*c) for c in valid}  # the warm-up compiles each; its samples are scored
-        times: dict[tuple[str, int], list[float]] = {c: [] for c in valid}
+        times: dict[tuple, list[float]] = {c: [] for c in valid}
         for _ in range(args.rounds):
             for c in valid:
                 start = time.perf_counter()
@@ -77,19 +80,20 @@ def main(argv: list[str] | None = None) -> int:
             scores = quality.sample_quality(quality.to_levels(images[c], config.data.normalize), labels)
             ratio = statistics.median(t / b for t, b in zip(times[c], times[base], strict=True))
             rows.append({
-                "run": run.name, "sampler": c[0], "steps": c[1], "nfe": trainer.model.network_evaluations(*c),
+                "run": run.name, "sampler": c[0], "steps": c[1], "nfe": trainer.model.network_evaluations(c[0], c[1]),
+                "guidance": "config" if c[2] is None else f"{c[2]:g}",
                 "seconds": statistics.median(times[c]), "ratio": ratio, "fd": scores["fd"],
                 "accuracy": scores["accuracy"],
             })  # fmt: skip
             row = rows[-1]
-            print(f"{run.name} {c[0]}:{c[1]} NFE {row['nfe']} FD {row['fd']:.1f} acc {row['accuracy']:.3f} "
-                  f"{row['seconds']:.2f} s ({ratio:.2f}x {base[0]}:{base[1]})", flush=True)
+            print(f"{run.name} {c[0]}:{c[1]} guidance {row['guidance']} NFE {row['nfe']} FD {row['fd']:.1f} "
+                  f"acc {row['accuracy']:.3f} {row['seconds']:.2f} s ({ratio:.2f}x {base[0]}:{base[1]})", flush=True)
         trainer.close()
-    print(f"\n| run | sampler | steps | NFE | FD (floor {floor:.1f}) | class accuracy | s / {args.samples} samples | "
-          "time / first |\n|---|---|---|---|---|---|---|---|")
+    print(f"\n| run | sampler | steps | guidance | NFE | FD (floor {floor:.1f}) | FD / floor | class accuracy | "
+          f"s / {args.samples} samples | time / first |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fd']:.1f} | {r['accuracy']:.3f} | "
-              f"{r['seconds']:.2f} | {r['ratio']:.2f} |")
+        print(f"| {r['run']} | {r['sampler']} | {r['steps']} | {r['guidance']} | {r['nfe']} | {r['fd']:.1f} | "
+              f"{r['fd'] / floor:.2f} | {r['accuracy']:.3f} | {r['seconds']:.2f} | {r['ratio']:.2f} |")
     if args.figure:
         import matplotlib
 
@@ -97,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib.pyplot as plt
 
         figure, axes = plt.subplots(figsize=(6, 4))
-        for key in dict.fromkeys((r["run"], r["sampler"]) for r in rows):
-            line = [r for r in rows if (r["run"], r["sampler"]) == key]
-            axes.plot([r["nfe"] for r in line], [r["fd"] for r in line], marker="o", label=" ".join(key))
+        for key in dict.fromkeys((r["run"], r["sampler"], r["guidance"]) for r in rows):
+            line = [r for r in rows if (r["run"], r["sampler"], r["guidance"]) == key]
+            label = f"{key[0]} {key[1]}" + ("" if key[2] == "config" else f" w={key[2]}")
+            axes.plot([r["nfe"] for r in line], [r["fd"] for r in line], marker="o", label=label)
         axes.axhline(floor, color="grey", linestyle="--", label="floor (test vs train)")
         axes.set(xscale="log", xlabel="network evaluations per sample", ylabel="FD to the test digits")
         axes.legend()
