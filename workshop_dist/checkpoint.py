@@ -106,12 +106,9 @@ def _state_handler(replica_parallel: bool) -> ocp.PyTreeCheckpointHandler:
 def type_handlers(**array_options: Any) -> Any:
     """Orbax's handlers for the state's leaves; ``array_options`` go to its ``ArrayHandler``."""
     handlers = ocp.type_handlers
+    scalars = [(kind, handlers.ScalarHandler()) for kind in (int, float, np.number)]
     return handlers.create_type_handler_registry(
-        (int, handlers.ScalarHandler()),
-        (float, handlers.ScalarHandler()),
-        (np.number, handlers.ScalarHandler()),
-        (np.ndarray, handlers.NumpyHandler()),
-        (jax.Array, handlers.ArrayHandler(**array_options)),
+        *scalars, (np.ndarray, handlers.NumpyHandler()), (jax.Array, handlers.ArrayHandler(**array_options))
     )
 
 
