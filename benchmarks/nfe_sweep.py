@@ -38,6 +38,41 @@ def parse_samplers(items: list[str]) -> list[tuple[str, int]]:
     return out
 
 
+def read_table(text: str) -> tuple[list[dict], float]:
+    """The rows and the floor of a table this script printed."""
+    floor = float(text.split("FD (floor ")[1].split(")")[0])
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[4].isdigit():
+            rows.append({"run": cells[0], "sampler": cells[1], "guidance": cells[3], "nfe": int(cells[4]),
+                         "fd": float(cells[5])})
+    return rows, floor
+
+
+def plot(rows: list[dict] | tuple, figure_path: str, floor: float | None = None) -> None:
+    """FD against NFE, one line per run, sampler and guidance; log axes, FD clipped at 4x the floor."""
+    if isinstance(rows, tuple):
+        rows, floor = rows
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for key in dict.fromkeys((r["run"], r["sampler"], r["guidance"]) for r in rows):
+        line = [r for r in rows if (r["run"], r["sampler"], r["guidance"]) == key]
+        label = f"{key[0]} {key[1]}" + ("" if key[2] == "config" else f" w={key[2]}")
+        axes.plot([r["nfe"] for r in line], [r["fd"] for r in line], marker="o", label=label)
+    axes.axhline(floor, color="grey", linestyle="--", label="floor (test vs train)")
+    axes.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel="FD to the test digits",
+             ylim=(0.9 * floor, 4 * floor))
+    axes.legend(fontsize=7, ncol=2)
+    axes.grid(True, alpha=0.3, which="both")
+    figure.savefig(figure_path, dpi=120, bbox_inches="tight")
+    print(f"figure: {figure_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="workdirs of trained runs")
@@ -46,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--guidance", default="", help="comma-separated guidance scales (default: the config's)")
     parser.add_argument("--figure", help="write FD against NFE to this PNG")
+    parser.add_argument("--from-table", metavar="TABLE.md", help="only draw --figure from a table this script printed")
     args = parser.parse_args(argv)
+    if args.from_table:
+        plot(read_table(Path(args.from_table).read_text()), args.figure)
+        return 0
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     from digits_quality import load
@@ -95,22 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['run']} | {r['sampler']} | {r['steps']} | {r['guidance']} | {r['nfe']} | {r['fd']:.1f} | "
               f"{r['fd'] / floor:.2f} | {r['accuracy']:.3f} | {r['seconds']:.2f} | {r['ratio']:.2f} |")
     if args.figure:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for key in dict.fromkeys((r["run"], r["sampler"], r["guidance"]) for r in rows):
-            line = [r for r in rows if (r["run"], r["sampler"], r["guidance"]) == key]
-            label = f"{key[0]} {key[1]}" + ("" if key[2] == "config" else f" w={key[2]}")
-            axes.plot([r["nfe"] for r in line], [r["fd"] for r in line], marker="o", label=label)
-        axes.axhline(floor, color="grey", linestyle="--", label="floor (test vs train)")
-        axes.set(xscale="log", xlabel="network evaluations per sample", ylabel="FD to the test digits")
-        axes.legend()
-        axes.grid(True, alpha=0.3)
-        figure.savefig(args.figure, dpi=120, bbox_inches="tight")
-        print(f"figure: {args.figure}")
+        plot(rows, args.figure, floor)
     return 0
 
 
