@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigma-rel", default="0.02,0.035,0.05,0.075,0.1,0.15,0.2")
     parser.add_argument("--snapshot-every", type=int, default=100)
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--skip-training", action="store_true", help="reuse the run already in --workdir")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from digits_quality import load, train
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     tracked = f"training.ema.posthoc={{sigma_rels: [0.05, 0.1], snapshot_every: {args.snapshot_every}}}"
-    seconds = train(ROOT / args.config, workdir, [tracked], workdir.parent / f"{workdir.name}.log")
+    seconds = 0.0 if args.skip_training else train(ROOT / args.config, workdir, [tracked], workdir.parent / f"{workdir.name}.log")
     assert cli.main(["--posthoc-ema", str(workdir), "--sigma-rel", args.sigma_rel, "--quiet"]) == 0
     trainer, config = load(workdir)
     labels = np.repeat(np.arange(10), args.samples // 10)

@@ -67,7 +67,7 @@ def test_the_profiles_resume_from_a_checkpoint(tmp_path):
 
 def test_the_command_reconstructs_widths_and_explains_what_is_missing(tmp_path, capsys):
     workdir = tmp_path / "run"
-    assert cli.main(["--workdir", str(workdir), "--quiet", "training.length.max_steps=4", "training.cadence.num_samples=0",
+    assert cli.main(["--workdir", str(workdir), "--quiet", "training.num_epochs=1", "training.cadence.num_samples=0",
                      "training.ema.posthoc={sigma_rels: [0.05, 0.1], snapshot_every: 2}", "model.hidden_dims=[32]",
                      "training.scheduler.warmup_steps=1"]) == 0
     assert cli.main(["--posthoc-ema", str(workdir), "--sigma-rel", "0.03,0.08", "--quiet"]) == 0

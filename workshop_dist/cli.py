@@ -222,7 +222,11 @@ def posthoc_ema(args: argparse.Namespace) -> int:
     distributed.initialize(config.distributed)
     logger = Logger(None, level=logging.WARNING if args.quiet else logging.INFO)
     mesh = parallel.make_mesh(config.mesh)
-    trainer = Trainer(config.model, config.training, None, None, workdir, logger=logger, mesh=mesh,
+    from workshop_dist import data
+
+    train_input = data.make_train_input(config.data, global_batch_size=config.training.batch_size,
+                                        seed=config.training.seed)  # the run's length, for its schedules
+    trainer = Trainer(config.model, config.training, train_input, None, workdir, logger=logger, mesh=mesh,
                       mesh_config=config.mesh, experiment_config=config.model_dump(mode="json"))
     try:
         trainer.restore()

@@ -200,7 +200,7 @@ def create_schedule(
         if length is None:
             raise ConfigError(
                 f"scheduler.{field} is not set and the run length is unknown: set scheduler.{field}, "
-                "or training.steps_per_epoch / training.max_steps so it can default to the total steps."
+                "or training.length.steps_per_epoch / training.length.max_steps so it can default to the total steps."
             )
         if length <= warmup:
             if value is None:
