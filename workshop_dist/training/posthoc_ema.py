@@ -192,24 +192,17 @@ def write_reconstructions(trainer: Any, sigma_rels: Sequence[float], out: Any = 
             f"No post-hoc EMA snapshots in {directory}: train with training.ema.posthoc set "
             "(e.g. training.ema.posthoc={sigma_rels: [0.05, 0.1], snapshot_every: 1000})."
         )
-    steps, widths, sources = [], [], []
-    for step, path, profiles in found:
-        for name, width in profiles.items():
-            steps.append(step)
-            widths.append(width)
-            sources.append((path, name))
+    steps = [step for step, _, profiles in found for _ in profiles]
+    widths = [width for _, _, profiles in found for width in profiles.values()]
     weights = reconstruction_weights(steps, widths, list(sigma_rels))
     shapes = trainer.engine.state_shapes.params
-    cache: dict[Any, Any] = {}
 
-    def load(path: Any, name: str) -> Any:  # each snapshot read once, holding only the last one
-        if path not in cache:
-            cache.clear()
-            names = found[[p for _, p, _ in found].index(path)][2]
-            cache[path] = checkpoint.load_checkpoint_dir(path, {n: shapes for n in names})[0]
-        return cache[path][name]
+    def profiles_in_order() -> Any:  # each snapshot read once, in the order of ``weights``' rows
+        for _, path, profiles in found:
+            saved = checkpoint.load_checkpoint_dir(path, {name: shapes for name in profiles})[0]
+            yield from (saved[name] for name in profiles)
 
-    averages = reconstruct((load(path, name) for path, name in sources), weights)
+    averages = reconstruct(profiles_in_order(), weights)
     out = storage.as_path(out) if out is not None else directory
     written = []
     for width, average in zip(sigma_rels, averages, strict=True):
