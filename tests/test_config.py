@@ -14,6 +14,7 @@ from workshop_dist.compilation import CompilationConfiguration
 from workshop_dist.config import ConfigError, WorkshopError, apply_overrides, read_config_file
 from workshop_dist.data import DataConfiguration
 from workshop_dist.distributed import DistributedConfiguration
+from workshop_dist.eval.config import EvalConfiguration
 from workshop_dist.experiment import ExperimentConfiguration
 from workshop_dist.logging_config import LoggingConfiguration, WandbConfiguration
 from workshop_dist.models import ModelConfiguration
@@ -88,6 +89,7 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             checkpoint=TrainingCheckpointConfiguration(
                 directory="/tmp/checkpoints", max_to_keep=2, async_save=False, replica_parallel=True, resume=False,
                 restore_from="/tmp/elsewhere/7", on_error="continue", save_retries=1, lock_timeout=30,
+                best_metric="val/fid", best_mode="max",
                 local={"directory": "/tmp/local", "every": 10, "max_to_keep": 1},
             ),
             optimizers={
@@ -108,6 +110,9 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             ),
         ),
         compilation=CompilationConfiguration(cache_dir="/tmp/jax_cache"),
+        eval=EvalConfiguration(fid_every=50, fid_samples=64, fid_batch_size=32, features="inception",
+                               inception_weights="/tmp/inception.safetensors", reference="/tmp/reference.npz",
+                               sampling={"sampling_steps": 8}, seed=2),
         data=DataConfiguration(
             source="tfds:mnist",
             data_dir="/tmp/data",

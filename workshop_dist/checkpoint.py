@@ -27,7 +27,7 @@ from workshop_dist.save_failures import CheckpointSaveError, SaveGuard  # noqa: 
 
 STATE, DATA, CONFIG, METADATA = "state", "data", "config", "metadata"
 ITEMS = (STATE, DATA, CONFIG, METADATA)
-BEST_METRIC = "val_loss"
+BEST_METRIC = "best"  # the key of the best metric's value in a save's Orbax metrics (earlier releases: "val_loss")
 log = logging.getLogger("workshop_dist")
 
 
@@ -57,6 +57,8 @@ class CheckpointConfiguration(StrictConfig):
         3, ge=0, description="Transient storage errors (timeouts, refused connections) retried this many times first."
     )
     lock_timeout: float = pydantic.Field(60.0, gt=0, description="A workdir lock unrefreshed this long (s) is taken over.")
+    best_metric: str = pydantic.Field("val/loss", description="The logged metric that picks the best checkpoint (val/fid...).")
+    best_mode: Literal["min", "max"] = pydantic.Field("min", description="The best checkpoint's best_metric: lowest or highest.")
     local: LocalCheckpointConfiguration | None = pydantic.Field(
         None, description="Frequent checkpoints on each host's local disk beside these (workshop_dist.tiered_checkpoint)."
     )
@@ -195,11 +197,16 @@ def _restore_composite(
     return restored[STATE], dict(restored[METADATA] or {}), data_restored
 
 
+def _best_value(metrics: Mapping[str, float]) -> float:  # earlier releases stored the validation loss as val_loss
+    return metrics[BEST_METRIC] if BEST_METRIC in metrics else metrics["val_loss"]
+
+
 class CheckpointManager:
     """Periodic, async checkpoints of a run; keeps the latest ``max_to_keep`` plus the best one.
 
-    The best checkpoint is the one with the lowest ``val_loss`` among those saved with
-    metrics (Orbax tracks it: ``best_fn``/``best_mode``); the latest-N rule never removes it.
+    The best checkpoint is the one with the lowest (``best_mode="max"``: highest) best metric
+    among those saved with metrics (Orbax tracks it: ``best_fn``/``best_mode``); the latest-N rule
+    never removes it.
 
     A failed save (disk full, no permission, I/O error, unreachable bucket; async or not) is
     one :class:`CheckpointSaveError`, or a warning with ``on_error="continue"``: see
@@ -216,22 +223,23 @@ class CheckpointManager:
         on_error: Literal["stop", "continue"] = "stop",
         save_retries: int = 3,
         retry_seconds: float = 1.0,
+        best_mode: Literal["min", "max"] = "min",
     ):
         self.directory = storage.as_path(directory)  # local (absolute) or gs://
         preservation = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=max_to_keep),
                 policies.BestN(
-                    get_metric_fn=lambda metrics: metrics[BEST_METRIC],
-                    reverse=True,  # keep the lowest loss
+                    get_metric_fn=_best_value,
+                    reverse=best_mode == "min",  # keep the lowest value
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 ),
             ]
         )
         options = ocp.CheckpointManagerOptions(
-            best_fn=lambda metrics: metrics[BEST_METRIC],  # Orbax stores each save's metrics, ranks by it
-            best_mode="min",
+            best_fn=_best_value,  # Orbax stores each save's metrics, ranks by it
+            best_mode=best_mode,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
             preservation_policy=preservation,
@@ -247,14 +255,8 @@ class CheckpointManager:
 
     @classmethod
     def from_config(cls, directory: str | Path, config: CheckpointConfiguration) -> CheckpointManager:
-        return cls(
-            directory,
-            max_to_keep=config.max_to_keep,
-            async_save=config.async_save,
-            replica_parallel=config.replica_parallel,
-            on_error=config.on_error,
-            save_retries=config.save_retries,
-        )
+        fields = ("max_to_keep", "async_save", "replica_parallel", "on_error", "save_retries", "best_mode")
+        return cls(directory, **{name: getattr(config, name) for name in fields})
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -263,7 +265,7 @@ class CheckpointManager:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The saved step with the lowest validation loss (None if none was saved with one)."""
+        """The saved step with the best metric's best value (None if none was saved with one)."""
         return self._manager.best_step()
 
     def save(
@@ -329,8 +331,7 @@ class CheckpointManager:
             "Remove the damaged step directories, or start in a fresh workdir."
         )
 
-    def close(self) -> None:
-        """Wait for the pending save and close Orbax's threads, also when that save failed."""
+    def close(self) -> None:  # also when the pending save failed: Orbax's threads end here
         self.guard.close()
 
 

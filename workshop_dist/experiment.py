@@ -10,6 +10,7 @@ from workshop_dist.compilation import CompilationConfiguration
 from workshop_dist.config import StrictConfig
 from workshop_dist.data import DataConfiguration
 from workshop_dist.distributed import DistributedConfiguration
+from workshop_dist.eval.config import EvalConfiguration
 from workshop_dist.logging_config import LoggingConfiguration
 from workshop_dist.models import ModelConfiguration
 from workshop_dist.models.config import DataSpec
@@ -28,6 +29,7 @@ class ExperimentConfiguration(StrictConfig):
     distributed: DistributedConfiguration = pydantic.Field(default_factory=DistributedConfiguration)
     logging: LoggingConfiguration = pydantic.Field(default_factory=LoggingConfiguration)
     compilation: CompilationConfiguration = pydantic.Field(default_factory=CompilationConfiguration)
+    eval: EvalConfiguration = pydantic.Field(default_factory=EvalConfiguration)
 
     @pydantic.model_validator(mode="before")
     @classmethod
@@ -67,6 +69,18 @@ class ExperimentConfiguration(StrictConfig):
         elif isinstance(model, dict):
             model = {**model, "data": derived}
         return {**data, "model": model}
+
+    @pydantic.model_validator(mode="after")
+    def _fid_network_available(self) -> ExperimentConfiguration:
+        evaluation = self.eval
+        inception = evaluation.resolved_features(self.data.source) == "inception"
+        if evaluation.fid_every is not None and inception and not evaluation.inception_weights:
+            raise ValueError(
+                f"eval.fid_every is set and data.source={self.data.source} is not the built-in digits, so FID uses "
+                "InceptionV3: set eval.inception_weights to a file made with `workshop-data convert-weights "
+                "inception pt_inception-2015-12-05-6726825d.pth OUT.safetensors`"
+            )
+        return self
 
     @pydantic.model_validator(mode="after")
     def _batch_fits_mesh(self) -> ExperimentConfiguration:

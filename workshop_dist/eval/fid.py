@@ -147,16 +147,24 @@ class FeatureStatistics:
         return save_statistics(path, *self.gaussian())
 
 
-def feature_sums(features: jax.Array, shift: jax.Array | float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+def feature_sums(
+    features: jax.Array, shift: jax.Array | float = 0.0, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(count, sum(x - shift), sum((x - shift)(x - shift)^T))`` of ``[N, D]`` features, jittable.
 
     Float32 on the device (full-precision matmul); with ``shift`` near the mean the outer products
-    are of centred values, so the covariance does not lose digits to ``S - n mu mu^T``. Reduce
-    across devices with ``psum``/a sharded sum, then :meth:`FeatureStatistics.add_sums`.
+    are of centred values, so the covariance does not lose digits to ``S - n mu mu^T``. ``mask``
+    ``[N]`` (0 or 1) leaves padding rows out. On sharded features the sums are reduced across the
+    devices by XLA (no features are gathered); :meth:`FeatureStatistics.add_sums` takes them back.
     """
     centred = features.astype(jnp.float32) - jnp.asarray(shift, jnp.float32)
+    if mask is None:
+        count = jnp.asarray(features.shape[0], jnp.int32)
+    else:
+        centred = centred * mask.astype(jnp.float32)[:, None]  # rows of padding become zeros
+        count = jnp.sum(mask).astype(jnp.int32)
     outer = jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST)
-    return jnp.asarray(features.shape[0], jnp.int32), centred.sum(axis=0), outer
+    return count, centred.sum(axis=0), outer
 
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> Path:

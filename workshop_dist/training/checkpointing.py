@@ -54,11 +54,8 @@ class Checkpoints:
         if self._manager is None:
             if self.directory is None:
                 raise WorkshopError("This trainer has no workdir/checkpoint_dir: pass a path to save_checkpoint().")
-            options = self.options
-            self._manager = ckpt.CheckpointManager(
-                self.directory, max_to_keep=options.max_to_keep, async_save=options.async_save,
-                replica_parallel=options.replica_parallel,
-            )
+            # on_error and save_retries come with the section: a failed save is one message (SaveGuard)
+            self._manager = ckpt.CheckpointManager.from_config(self.directory, self.options)
         return self._manager
 
     def close(self) -> None:
@@ -74,10 +71,10 @@ def save(
     *,
     best_loss: float,
     train_seconds: float,
-    val_loss: float | None = None,
+    best_value: float | None = None,
 ) -> storage.AnyPath:
-    """Save ``state`` at ``step``: an async save into the run's checkpoints (``val_loss`` marks an
-    evaluation's, for best-keeping), or, given a path, that directory now (a ``.pkl`` name is just a name)."""
+    """Save ``state`` at ``step``: an async save into the run's checkpoints (``best_value``: a new best value of
+    the best metric, for best-keeping), or, given a path, that directory now (a ``.pkl`` name is just a name)."""
     state = state.replace(best_loss=parallel.place(np.float32(best_loss), parallel.replicated(contents.mesh)))
     metadata = {
         "step": step,
@@ -91,7 +88,7 @@ def save(
     }
     if not isinstance(target, Checkpoints):
         return ckpt.save_checkpoint_dir(target, state, metadata=metadata, config=contents.config, data_iterator=contents.data_iterator())
-    metrics = {ckpt.BEST_METRIC: val_loss} if val_loss is not None else None
+    metrics = {ckpt.BEST_METRIC: best_value} if best_value is not None else None
     target.manager.save(
         step, state, metadata=metadata, config=contents.config, data_iterator=contents.data_iterator(), metrics=metrics
     )

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from workshop_dist import parallel
 from workshop_dist.parallel import MeshConfiguration
+from workshop_dist.training import inputs
 from workshop_dist.training import step as steps
 from workshop_dist.training.plan import Plan
 from workshop_dist.training.state import TrainingState
@@ -206,6 +207,15 @@ class Engine:
         spec = self.global_spec(self.batch_spec if spec is None else spec)
         stacked = {k: jax.ShapeDtypeStruct((1, *s.shape), s.dtype, sharding=self.stacked_sharding) for k, s in spec.items()}
         return program.host.lower(_carry(self.state_shapes), self.state_shapes.rng, stacked)
+
+    def one_step(self, state: TrainingState, batch: Mapping[str, Any]) -> tuple[TrainingState, dict[str, jax.Array]]:
+        """One training step on ``batch`` (a host batch or global arrays), as the loop's compiled program takes it."""
+        batch = inputs.as_batch(batch)
+        if not all(isinstance(v, jax.Array) and not v.is_fully_addressable for v in batch.values()):
+            batch = parallel.host_batch_to_global({k: np.asarray(v) for k, v in batch.items()}, self.mesh)
+        program = self.program({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()})
+        state, metrics = self.train_steps(state, {key: value[None] for key, value in batch.items()}, program)
+        return state, dict(zip(program.metric_names, metrics[0], strict=True))
 
     # --- Evaluation ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from workshop_dist import hardware, parallel, storage
 from workshop_dist.config import WorkshopError
+from workshop_dist.eval.config import EvalConfiguration
 from workshop_dist.metrics import Logger, MetricsLogger, is_primary
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.runlog import RunLog
@@ -33,6 +34,7 @@ from workshop_dist.training.engine import Engine
 from workshop_dist.training.hooks import Every
 from workshop_dist.training.hooks.checkpoint import CheckpointHook
 from workshop_dist.training.hooks.evaluate import Best, EvaluateHook
+from workshop_dist.training.hooks.fid import FIDHook
 from workshop_dist.training.hooks.log import LogCallback, LogHook, MetricSink, NonFiniteLossError, average
 from workshop_dist.training.hooks.posthoc import PosthocSnapshotHook
 from workshop_dist.training.hooks.profile import ProfileHook
@@ -67,6 +69,7 @@ class Trainer:
         experiment_config: Mapping[str, Any] | None = None,
         preemption: PreemptionWatcher | None = None,
         progress_bar: bool = False,
+        eval_config: EvalConfiguration | None = None,
     ):
         self.clock = Clock()  # the run's one clock: "First step done ... after the trainer was created"
         self.training_config = config = training_config
@@ -112,8 +115,12 @@ class Trainer:
         self._log = LogHook(self._sink, batch_size=config.batch_size, flops_per_step=self.engine.flops_per_step,
                             peak_flops=peak * self.mesh.devices.size if peak else None, nan_policy=config.nan_policy,
                             every=cadence.log_every)
+        self._best = Best(config.checkpoint.best_metric, config.checkpoint.best_mode)
         self._evaluate = EvaluateHook(self.engine, val_data_loader, batch_size=config.batch_size, every=cadence.eval_every,
-                                      sink=self._sink, max_in_flight=performance.max_steps_in_flight)
+                                      sink=self._sink, max_in_flight=performance.max_steps_in_flight, best=self._best)
+        self._fid = FIDHook.for_run(eval_config, self.engine, sink=self._sink, best=self._best, batch_size=config.batch_size,
+                                    experiment_config=self.experiment_config, reference_data=val_data_loader)
+        self._evaluate.extra_metrics = {self._fid.metric} if self._fid else set()  # for the best metric's check
         self._samples = SamplesHook(self.engine, count=cadence.num_samples, metrics_logger=self.metrics_logger,
                                     directory=self.workdir / "samples" if self.workdir else None, follows=self._evaluate,
                                     data_max=data_max(self.experiment_config))
@@ -124,7 +131,8 @@ class Trainer:
         self._contents = checkpointing.Contents(self.experiment_config, self._data_iterator, config.batch_size,
                                                 self.mesh, self._epoch_of)
         self._checkpoint = CheckpointHook(self._checkpoints if self.checkpoint_dir else None, self._contents,
-                                          every=cadence.save_every, evaluation=self._evaluate, preemption=preemption)
+                                          every=cadence.save_every, evaluation=self._evaluate, preemption=preemption,
+                                          scores=[h for h in (self._fid,) if h])
         self._posthoc = PosthocSnapshotHook.for_run(config.ema.posthoc, self.workdir)
         profile = cadence.profile_steps
         self._profile = ProfileHook(self.workdir / "profile", *profile) if profile and self.workdir else None
@@ -139,7 +147,7 @@ class Trainer:
     @property
     def state(self) -> TrainingState:
         """The whole training state; ``state["step"]``, ``state.get("best_loss")`` work as in the original design."""
-        best = self._evaluate.best.loss
+        best = self._best.loss
         if self._best_placed[0] != best:
             self._best_placed = (best, parallel.place(np.float32(best), parallel.replicated(self.mesh)))
         return self._state.replace(best_loss=self._best_placed[1])
@@ -148,7 +156,7 @@ class Trainer:
     def state(self, value: TrainingState) -> None:
         self._state = value
         if value.best_loss is not self._best_placed[1]:
-            self._evaluate.best = Best(float(jax.device_get(value.best_loss)))
+            self._best.reset(float(jax.device_get(value.best_loss)))
 
     @property
     def train_metrics(self) -> list[dict[str, float]]:
@@ -161,7 +169,8 @@ class Trainer:
 
     @property
     def best_loss(self) -> float:
-        return self._evaluate.best.loss
+        """The best value of ``checkpoint.best_metric`` (the validation loss unless configured)."""
+        return self._best.loss
 
     @property
     def log_callback(self) -> LogCallback | None:
@@ -197,16 +206,7 @@ class Trainer:
     @property
     def train_step_fn(self) -> Callable:
         """``(state, batch) -> (state, metrics)``: the loop's compiled step, one step per call."""
-
-        def train_step(state: Any, batch: Mapping[str, Any]) -> tuple[Any, dict[str, jax.Array]]:
-            batch = inputs.as_batch(batch)
-            if not all(isinstance(v, jax.Array) and not v.is_fully_addressable for v in batch.values()):
-                batch = parallel.host_batch_to_global({k: np.asarray(v) for k, v in batch.items()}, self.mesh)
-            program = self.engine.program({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()})
-            state, metrics = self.engine.train_steps(state, {key: value[None] for key, value in batch.items()}, program)
-            return state, dict(zip(program.metric_names, metrics[0], strict=True))
-
-        return train_step
+        return self.engine.one_step
 
     train_step = train_step_fn
 
@@ -243,20 +243,15 @@ class Trainer:
         return self._train(fit=False)
 
     def evaluate(self, data: Any = None, batch_size: int | None = None) -> dict[str, float]:
-        """Average loss and model metrics over ``data`` (default: the validation loader).
-
-        Every example counts exactly once: the last partial batch is padded and masked.
-        Returns the metrics plus ``num_examples``.
-        """
+        """Average loss and model metrics over ``data`` (default: the validation loader), plus ``num_examples``:
+        every example counts exactly once (the last partial batch is padded and masked)."""
         data = self.val_data_loader if data is None else data
         if data is None:
             raise WorkshopError("No evaluation data: pass data to evaluate() or val_data_loader to the Trainer.")
         batch_size = batch_size or self.training_config.batch_size
         return evaluation.evaluate(self.engine, self._state, data, batch_size, self._loop["max_in_flight"])
 
-    def generate_samples(
-        self, num_samples: int, seed: int | None = None, labels: Any = None, **sampling_options: Any
-    ) -> np.ndarray:
+    def generate_samples(self, num_samples: int, seed: int | None = None, labels: Any = None, **sampling_options: Any) -> np.ndarray:
         """``num_samples`` samples as a numpy array (the same for the same seed); ``labels`` condition them."""
         return evaluation.generate(self.engine, self._state, num_samples, seed, labels, sampling_options)
 
@@ -276,7 +271,7 @@ class Trainer:
                 return checkpointing.save(path, self.step, self._state, self._contents, best_loss=self.best_loss,
                                           train_seconds=self.clock.train_seconds)
             self.checkpoints  # noqa: B018 (a clear error without a checkpoint directory)
-            return self._checkpoint.save(self.step, self._state, self.clock.train_seconds, val_loss=val_loss)
+            return self._checkpoint.save(self.step, self._state, self.clock.train_seconds, best_value=val_loss)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Load a checkpoint directory (from :meth:`save_checkpoint` or a run's ``checkpoints/<step>``)."""
@@ -317,7 +312,7 @@ class Trainer:
     # --- Assembly ---------------------------------------------------------------------------
 
     def _hooks(self) -> list[Any]:
-        hooks = [self._log, self._evaluate, self._samples, *self._user_hooks, self._posthoc, self._checkpoint,
+        hooks = [self._log, self._evaluate, self._fid, self._samples, *self._user_hooks, self._posthoc, self._checkpoint,
                  self._profile, self._runlog]
         return [hook for hook in hooks if hook is not None]
 
@@ -351,8 +346,7 @@ class Trainer:
             last = self._train(fit=True)
             if self.training_config.cadence.eval_every is None and self._evaluate.last_step != self.step:
                 last = self._validate() or last  # the epoch's length was unknown in advance
-        if self._evaluate.last_step != self.step:
-            last = self._validate() or last
+        last = self._validate(final=True) or last
         if self.checkpoint_dir is not None:
             if self._checkpoint.last_step != self.step:
                 self.save_checkpoint()
@@ -362,12 +356,16 @@ class Trainer:
             self._runlog.write_spans(self.clock)
         return last
 
-    def _validate(self) -> dict[str, float] | None:
-        """Evaluation outside the loop (with its samples and best checkpoint), as the loop would run it."""
-        if self.val_data_loader is None:
+    def _validate(self, *, final: bool = False) -> dict[str, float] | None:
+        """Evaluation outside the loop, with its samples and best checkpoint (at the end also the FID hook's)."""
+        hooks = [self._evaluate] if self.val_data_loader is not None and self._evaluate.last_step != self.step else []
+        hooks += [self._fid] if final and self._fid and self._fid.last_step != self.step else []
+        if not hooks:
             return None
-        hooks = [self._evaluate, *([self._samples] if self._samples.enabled else []), self._checkpoint]
+        hooks += [*([self._samples] if self._samples.enabled else []), self._checkpoint]
         loop.run_now(hooks, step=self.step, state=self._state, clock=self.clock, observers=[h for h in [self._runlog] if h])
+        if self._evaluate.last_step != self.step:
+            return None
         return {key: value for key, value in self._evaluate.history[-1].items() if key != "step"}
 
     def _ended(self, reason: str, detail: str | None = None) -> None:
@@ -378,10 +376,12 @@ class Trainer:
     def _adopt(self, restored: checkpointing.Restored) -> None:
         self._state, self.step = restored.state, restored.step
         self.restored_from = restored.step
-        self._evaluate.best = Best(float(jax.device_get(restored.state.best_loss)))
+        self._best.reset(float(jax.device_get(restored.state.best_loss)))
         self.clock.train_seconds = float(restored.metadata.get("train_seconds", 0.0))
         self._epochs_done = int(restored.metadata.get("epoch", 0))
         self._evaluate.last_step = self._checkpoint.last_step = None
+        if self._fid is not None:
+            self._fid.last_step = None
         if self.train_input is not None and not restored.data_restored:
             self.train_input.seek(self.step)
 

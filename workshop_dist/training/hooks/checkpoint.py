@@ -1,4 +1,4 @@
-"""Checkpoints: every ``cadence.save_every`` steps, after each evaluation that improves the best loss,
+"""Checkpoints: every ``cadence.save_every`` steps, after each evaluation that improves the best metric,
 and on preemption (SIGTERM/SIGINT: all processes agree on a step, save, wait until it is on disk, exit 75).
 
 Saves are async (Orbax): the loop waits only while the arrays are copied off the devices. The
@@ -31,9 +31,12 @@ class CheckpointHook:
         every: int,
         evaluation: Any,
         preemption: PreemptionWatcher | None,
+        scores: list[Any] = (),
     ):
+        """``evaluation`` and ``scores`` (the FID hook) produce the best metric: a save follows each of their runs."""
         self.checkpoints, self.contents, self.every = checkpoints, contents, every
-        self.evaluation, self.preemption = evaluation, preemption
+        self.evaluation, self.preemption, self.scores = evaluation, preemption, list(scores)
+        self.best = evaluation.best
         self.last_step: int | None = None
         self._asked: tuple[int, bool] | None = None  # (step, preempted): the sync point is asked once per step
 
@@ -49,26 +52,27 @@ class CheckpointHook:
             return step  # now
         if self.checkpoints is None:
             return None
-        return earliest(next_multiple(step, self.every), self.evaluation.next_step(step))  # best saves follow evaluations
+        return earliest(next_multiple(step, self.every), self.evaluation.next_step(step),  # best saves follow evaluations
+                        *(score.next_step(step) for score in self.scores))
 
     def __call__(self, info: Any) -> None:
         step, preempted = info.step, self.preempted(info.step)
-        improved = self.evaluation.best.step == step
+        improved = self.best.step == step
         if self.checkpoints is not None and (preempted or improved or step % self.every == 0):
-            self.save(step, info.state, info.clock.train_seconds, val_loss=self.evaluation.best.loss if improved else None)
+            self.save(step, info.state, info.clock.train_seconds, best_value=self.best.loss if improved else None)
         if preempted:
             if self.checkpoints is not None:
                 self.checkpoints.manager.wait()
             log.info("Checkpoint for step %d is on disk; exiting for preemption.", step)
             raise Preempted(step, self.preemption.signal_name or "signal")
 
-    def save(self, step: int, state: Any, train_seconds: float, *, val_loss: float | None = None) -> Any:
-        """An async save of ``state`` at ``step`` (once per step)."""
+    def save(self, step: int, state: Any, train_seconds: float, *, best_value: float | None = None) -> Any:
+        """An async save of ``state`` at ``step`` (once per step); ``best_value``: a new best metric value."""
         path = self.checkpoints.directory / str(step)
         if self.last_step != step:
             path = checkpointing.save(
-                self.checkpoints, step, state, self.contents, best_loss=self.evaluation.best.loss,
-                train_seconds=train_seconds, val_loss=val_loss,
+                self.checkpoints, step, state, self.contents, best_loss=self.best.loss,
+                train_seconds=train_seconds, best_value=best_value,
             )
             self.last_step = step
         return path

@@ -1,0 +1,144 @@
+"""The FID hook: statistics reduced on the mesh equal the host's, the same score on 1 and 8 devices,
+``val/fd`` logged while training, and the best checkpoint chosen by it."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.helpers import tiny_model_config, training_config
+from workshop_dist import data, quality
+from workshop_dist.config import ConfigError, WorkshopError
+from workshop_dist.eval import fid
+from workshop_dist.eval.config import EvalConfiguration
+from workshop_dist.eval.features import FeatureNetwork
+from workshop_dist.experiment import ExperimentConfiguration
+from workshop_dist.parallel import MeshConfiguration, make_mesh
+from workshop_dist.training import Trainer
+from workshop_dist.training.hooks.evaluate import Best
+from workshop_dist.training.hooks.fid import FIDHook
+from workshop_dist.training.hooks.log import MetricSink
+
+
+class TinyFeatures(nnx.Module):
+    """A random 8x8 -> 16-d feature map (cheap stand-in for a real feature network)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(64, 16, rngs=rngs)
+
+    def features(self, images):
+        return jax.numpy.tanh(self.linear(images.reshape(images.shape[0], -1)))
+
+
+def tiny_network() -> FeatureNetwork:
+    graphdef, weights = nnx.split(TinyFeatures(nnx.Rngs(0)))
+    return FeatureNetwork("fd", 16, graphdef, weights)
+
+
+class Sink(MetricSink):
+    def __init__(self):
+        self.rows = []
+
+    def write(self, step, metrics, prefix):
+        self.rows.append((step, prefix, dict(metrics)))
+
+
+def vae_trainer(mesh, **training):
+    return Trainer(tiny_model_config(), training_config(batch_size=16, **training), np.zeros((16, 8, 8, 1), np.float32),
+                   None, None, mesh=mesh)
+
+
+def hook_for(trainer, network, **options):
+    options = {"every": 1, "num_samples": 40, "batch_size": 16, "sink": Sink(), "best": Best("val/fd"), **options}
+    return FIDHook(trainer.engine, network, **options)
+
+
+def test_sample_statistics_on_8_devices_equal_1_device_and_the_host():
+    network = tiny_network()
+    stats = {}
+    for count in (1, 8):
+        mesh = make_mesh(MeshConfiguration(), jax.devices()[:count])
+        trainer = vae_trainer(mesh)
+        hook = hook_for(trainer, network)
+        stats[count] = hook.sample_statistics(trainer.state)
+    assert stats[1].count == stats[8].count == 40  # 3 calls of 16, the last 8 masked out
+    np.testing.assert_allclose(stats[8].sum, stats[1].sum, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats[8].sum_outer, stats[1].sum_outer, rtol=1e-5, atol=1e-5)
+    mu_ref = np.zeros(16)
+    sigma_ref = np.eye(16)
+    fd1 = fid.frechet_distance(*stats[1].gaussian(), mu_ref, sigma_ref)
+    fd8 = fid.frechet_distance(*stats[8].gaussian(), mu_ref, sigma_ref)
+    assert fd1 == pytest.approx(fd8, rel=1e-5)
+
+
+def test_reference_from_data_is_every_example_once():
+    network = tiny_network()
+    trainer = vae_trainer(make_mesh(MeshConfiguration()))
+    images = np.random.default_rng(0).uniform(0, 1, (37, 8, 8, 1)).astype(np.float32)  # 37: a padded last batch
+    hook = hook_for(trainer, network)
+    stats = hook.data_statistics(images)
+    on_host = fid.FeatureStatistics.of(np.asarray(network.apply(network.weights, images)))
+    assert stats.count == 37
+    np.testing.assert_allclose(stats.mean(), on_host.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.covariance(), on_host.covariance(), rtol=1e-4, atol=1e-6)
+
+
+def test_scores_are_logged_and_offered_to_the_best_metric():
+    network = tiny_network()
+    trainer = vae_trainer(make_mesh(MeshConfiguration()))
+    images = np.random.default_rng(1).uniform(0, 1, (32, 8, 8, 1)).astype(np.float32)
+    hook = hook_for(trainer, network, reference_data=images)
+    first = hook.run(3, trainer.state)
+    assert hook.sink.rows == [(3, "val", {"fd": first})]
+    assert hook.best.step == 3 and hook.best.loss == first
+    assert hook.run(4, trainer.state) == pytest.approx(first, rel=1e-6)  # the same noise every time
+    assert hook.best.step == 3  # not better
+
+
+@pytest.fixture
+def quick_classifier(monkeypatch):
+    """The digits classifier trained on 30 minibatches (the real one takes a minute the first time)."""
+    train = quality.train_classifier
+    monkeypatch.setattr(quality, "train_classifier", lambda seed=0, steps=None: train(seed, 30))
+
+
+def test_training_logs_val_fd_and_keeps_the_best_checkpoint_by_it(tmp_path, quick_classifier):
+    config = ExperimentConfiguration.from_dict({}, [
+        "training.length.max_steps=4", "training.batch_size=32", "training.cadence.eval_every=2",
+        "training.cadence.save_every=100", "training.cadence.num_samples=0", "training.checkpoint.best_metric=val/fd",
+        "eval.fid_every=2", "eval.fid_samples=64",
+    ])
+    training = config.training
+    trainer = Trainer(config.model, training, data.make_train_input(config.data, global_batch_size=32, seed=0),
+                      data.make_eval_input(config.data, global_batch_size=32), tmp_path, eval_config=config.eval,
+                      experiment_config=config.model_dump(mode="json"))
+    trainer.fit()
+    trainer.close()
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    scores = {row["step"]: row["val/fd"] for row in rows if "val/fd" in row}
+    assert sorted(scores) == [2, 4] and all(np.isfinite(v) and v > 0 for v in scores.values())
+    best = min(scores, key=scores.get)
+    assert trainer.checkpoints.best_step() == best
+    assert trainer.best_loss == pytest.approx(scores[best])
+
+
+def test_a_best_metric_nothing_logs_is_one_clear_error(tmp_path):
+    config = ExperimentConfiguration.from_dict({}, [
+        "training.length.max_steps=2", "training.batch_size=32", "training.cadence.eval_every=2",
+        "training.checkpoint.best_metric=val/fid",
+    ])
+    trainer = Trainer(config.model, config.training, data.make_train_input(config.data, global_batch_size=32, seed=0),
+                      data.make_eval_input(config.data, global_batch_size=32), None)
+    with pytest.raises(WorkshopError, match=r"best_metric=val/fid is not a logged validation metric; this run logs .*val/loss"):
+        trainer.fit()
+
+
+def test_fid_on_images_needs_inception_weights():
+    with pytest.raises(ConfigError, match=r"eval\.inception_weights"):
+        ExperimentConfiguration.from_dict({}, ["data.source=images:/nowhere", "eval.fid_every=10"])
+    with pytest.raises(ConfigError, match=r"eval\.fid_every is null"):
+        EvalConfiguration.from_dict({"reference": "ref.npz"})

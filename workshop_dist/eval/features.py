@@ -1,0 +1,70 @@
+"""The feature networks sample quality is measured in: FID's InceptionV3, or the digits classifier.
+
+A :class:`FeatureNetwork` is a pure function of its weights (``apply(weights, images)``, images
+``[N, H, W, C]`` in [0, 1]) plus the reference statistics it is compared with, so the FID hook
+can jit it with the sampler into one program on the mesh. ``val/fid`` is the Inception one (the
+number papers report); ``val/fd`` the digits classifier's (:mod:`workshop_dist.quality`: Inception
+means nothing on 8x8 images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from workshop_dist.eval import fid
+from workshop_dist.eval.config import EvalConfiguration
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNetwork:
+    """A feature extractor for Frechet distances; ``metric`` is the logged name (``val/<metric>``)."""
+
+    metric: str
+    dim: int
+    graphdef: nnx.GraphDef
+    weights: Any  # an nnx.State of arrays
+    reference: Callable[[], tuple[Any, Any]] | None = None  # (mu, sigma) when it comes with its own reference
+
+    def apply(self, weights: Any, images: jax.Array) -> jax.Array:
+        """``[N, dim]`` features of images ``[N, H, W, C]`` in [0, 1] (jittable)."""
+        model = nnx.merge(self.graphdef, weights)
+        return model.features(images) if hasattr(model, "features") else model(images)
+
+
+def inception(weights_path: str | None, *, precision: str = "highest") -> FeatureNetwork:
+    """FID's network with the weights of ``weights_path`` (None: random weights, for tests only)."""
+    from workshop_dist.eval import inception as net
+
+    model = net.random_inception(0, precision) if weights_path is None else net.load_inception(weights_path, precision=precision)
+    graphdef, weights = nnx.split(model)
+    return FeatureNetwork("fid", net.FEATURE_DIM, graphdef, weights)
+
+
+def digits_classifier(seed: int = 0, steps: int | None = None) -> FeatureNetwork:
+    """The quality benchmark's classifier; its reference is the digits' test split (as the benchmark's)."""
+    from workshop_dist import quality
+
+    classifier = quality.train_classifier(seed, steps)
+
+    def reference() -> tuple[Any, Any]:
+        split = quality.load_digits_split("test")["image"]
+        return fid.FeatureStatistics.of(classifier.features(split)).gaussian()
+
+    return FeatureNetwork("fd", quality.FEATURE_DIM, classifier.graphdef, classifier.state, reference)
+
+
+def for_run(config: EvalConfiguration, data_source: str) -> FeatureNetwork:
+    """The network ``config`` asks for (``auto``: the digits classifier on the built-in digits)."""
+    if config.resolved_features(data_source) == "digits":
+        return digits_classifier()
+    if not config.inception_weights:
+        raise fid.FIDError(
+            "FID needs the Inception weights: set eval.inception_weights to a file made with "
+            "`workshop-data convert-weights inception pt_inception-2015-12-05-6726825d.pth OUT.safetensors`"
+        )
+    return inception(config.inception_weights)

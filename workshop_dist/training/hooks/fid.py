@@ -1,0 +1,172 @@
+"""Sample quality while training: every ``eval.fid_every`` steps, ``eval.fid_samples`` samples scored
+against reference statistics in a feature network's space (``val/fid``, or ``val/fd`` for digits).
+
+Nothing leaves the devices but the statistics: each call samples one batch on the whole mesh
+(split over it like a training batch), computes the features there and reduces their sum and sum
+of outer products across devices and hosts inside the same jitted program; the host adds those
+up in float64 (:class:`~workshop_dist.eval.fid.FeatureStatistics`) and computes the Frechet
+distance. The samples' noise is the same at every evaluation (``eval.seed``), so the scores of a
+run compare; conditional models get class-balanced labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from workshop_dist import parallel
+from workshop_dist.eval import fid
+from workshop_dist.eval.config import EvalConfiguration
+from workshop_dist.eval.features import FeatureNetwork
+from workshop_dist.training import inputs
+from workshop_dist.training import step as steps
+from workshop_dist.training.engine import Engine
+from workshop_dist.training.hooks import next_multiple
+from workshop_dist.training.hooks.evaluate import Best
+from workshop_dist.training.hooks.log import MetricSink
+
+log = logging.getLogger("workshop_dist")
+
+
+class FIDHook:
+    """Logs ``val/<network.metric>`` of ``num_samples`` samples every ``every`` steps and offers it to ``best``."""
+
+    kind = "eval"  # its time is evaluation time in the clock and the run report
+
+    def __init__(
+        self,
+        engine: Engine,
+        network: FeatureNetwork,
+        *,
+        every: int,
+        num_samples: int,
+        batch_size: int,
+        sink: MetricSink,
+        best: Best,
+        data_max: float = 1.0,
+        sampling: dict[str, Any] | None = None,
+        seed: int = 0,
+        reference: tuple[np.ndarray, np.ndarray] | None = None,
+        reference_data: Any = None,
+    ):
+        """``reference``: (mu, sigma); else the network's own, else the statistics of ``reference_data``
+        (an evaluation loader), computed on the mesh at the first evaluation."""
+        self.engine, self.network, self.every, self.num_samples = engine, network, every, num_samples
+        self.batch_size = inputs.round_up(batch_size, parallel.data_parallel_size(engine.mesh))
+        self.sink, self.best, self.data_max, self.seed = sink, best, float(data_max), seed
+        self.sampling = tuple(sorted((sampling or {}).items()))
+        self._reference, self.reference_data = reference, reference_data
+        replicated = parallel.replicated(engine.mesh)
+        self._weights = parallel.place(network.weights, jax.tree.map(lambda _: replicated, network.weights))
+        self._sums = jax.jit(self._feature_sums, out_shardings=replicated)
+        self._sample_sums = jax.jit(self._sample_feature_sums, static_argnums=(0,), out_shardings=replicated)
+        self._sample = steps.make_sample_fn(engine.calls)
+        self.last_step: int | None = None
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def metric(self) -> str:
+        return f"val/{self.network.metric}"
+
+    def next_step(self, step: int) -> int | None:
+        return next_multiple(step, self.every)
+
+    def __call__(self, info: Any) -> None:
+        self.run(info.step, info.state)
+
+    def run(self, step: int, state: Any) -> float:
+        """Score ``state``'s samples at ``step``: log the distance, remember it, offer it to the best metric."""
+        mu_ref, sigma_ref = self.reference()
+        mu, sigma = self.sample_statistics(state, shift=mu_ref).gaussian()
+        value = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        self.last_step = step
+        self.history.append({"step": step, self.network.metric: value})
+        self.sink.write(step, {self.network.metric: value}, "val")
+        self.best.offer(step, {self.metric: value})
+        return value
+
+    # --- Statistics ---------------------------------------------------------------------------
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """The reference (mu, sigma): given, the network's own, or of the reference data (once)."""
+        if self._reference is None:
+            if self.network.reference is not None:
+                self._reference = self.network.reference()
+            elif self.reference_data is not None:
+                self._reference = self.data_statistics(self.reference_data).gaussian()
+                log.info("FID reference statistics: %d examples of the evaluation split.", self.reference_count)
+            else:
+                raise fid.FIDError("FID needs reference statistics: set eval.reference or give evaluation data.")
+        return self._reference
+
+    def sample_statistics(self, state: Any, shift: np.ndarray | None = None) -> fid.FeatureStatistics:
+        """Feature statistics of ``num_samples`` samples of ``state`` (the evaluation parameters)."""
+        params, model_state = self.engine.eval_params(state), state.model_state
+        classes = self.engine.num_classes
+        shift_on_mesh = self._on_mesh(np.zeros(self.network.dim, np.float32) if shift is None else shift)
+        totals = None
+        for index, start in enumerate(range(0, self.num_samples, self.batch_size)):
+            count = min(self.batch_size, self.num_samples - start)
+            labels = None
+            if classes:
+                labels = self._on_mesh(((start + np.arange(self.batch_size)) % classes).astype(np.int32))
+            mask = self._on_mesh((np.arange(self.batch_size) < count).astype(np.float32))
+            rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), index)
+            sums = self._sample_sums(self.batch_size, params, model_state, self._weights, rng, labels, mask, shift_on_mesh)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)  # on the device: no sync
+        return self._to_host(totals, shift)
+
+    def data_statistics(self, data: Any) -> fid.FeatureStatistics:
+        """Feature statistics of every example of ``data`` (padding masked), computed on the mesh."""
+        totals = None
+        zero = self._on_mesh(np.zeros(self.network.dim, np.float32))
+        for host_batch in inputs.eval_batches(data, self.batch_size // jax.process_count()):
+            batch = parallel.host_batch_to_global(host_batch, self.engine.mesh)
+            sums = self._sums(self._weights, batch["image"], batch["mask"], zero)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if totals is None:
+            raise fid.FIDError("the evaluation data for the FID reference is empty")
+        stats = self._to_host(totals, None)
+        self.reference_count = stats.count
+        return stats
+
+    def _feature_sums(self, weights: Any, images: jax.Array, mask: jax.Array, shift: jax.Array) -> Any:
+        unit = jnp.clip(images.astype(jnp.float32) / self.data_max, 0.0, 1.0)  # data range -> [0, 1]
+        return fid.feature_sums(self.network.apply(weights, unit), shift, mask)
+
+    def _sample_feature_sums(self, count: int, params: Any, model_state: Any, weights: Any, rng: jax.Array,
+                             labels: jax.Array | None, mask: jax.Array, shift: jax.Array) -> Any:
+        images = self._sample(params, model_state, rng, labels, count, self.sampling)
+        images = jax.lax.with_sharding_constraint(images, self.engine.batch_sharding)  # features per device
+        return self._feature_sums(weights, images, mask, shift)
+
+    def _on_mesh(self, value: np.ndarray) -> jax.Array:
+        return parallel.place(value, parallel.replicated(self.engine.mesh))
+
+    def _to_host(self, totals: Any, shift: np.ndarray | None) -> fid.FeatureStatistics:
+        count, total, outer = jax.device_get(totals)
+        return fid.FeatureStatistics(self.network.dim).add_sums(count, total, outer, shift)
+
+    @classmethod
+    def for_run(
+        cls, config: EvalConfiguration | None, engine: Engine, *, sink: MetricSink, best: Best, batch_size: int,
+        experiment_config: dict[str, Any] | None, reference_data: Any, network: FeatureNetwork | None = None,
+    ) -> FIDHook | None:
+        """The hook ``config`` asks for (None while ``eval.fid_every`` is null)."""
+        if config is None or config.fid_every is None:
+            return None
+        from workshop_dist.data import DataConfiguration
+        from workshop_dist.eval import features
+
+        data = DataConfiguration.model_validate((experiment_config or {}).get("data") or {})
+        network = network or features.for_run(config, data.source)
+        reference = None
+        if config.reference:
+            reference = fid.load_statistics(config.reference, network.dim)
+        return cls(engine, network, every=config.fid_every, num_samples=config.fid_samples,
+                   batch_size=config.fid_batch_size or batch_size, sink=sink, best=best, data_max=data.max_value,
+                   sampling=config.sampling, seed=config.seed, reference=reference, reference_data=reference_data)
