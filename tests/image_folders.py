@@ -49,7 +49,7 @@ def make_image_folder(root: Path, *, per_class: dict[str, int] | None = None, se
     if "train" in per_class:
         corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(range(40)))
         counts["train"] += 1
-    (root / "train" / "README.txt").write_text("not an image: ignored")
+        (root / "train" / "README.txt").write_text("not an image: ignored")
     return ImageFolderInfo(root, counts, corrupt)
 
 

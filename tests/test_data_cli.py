@@ -17,7 +17,7 @@ from PIL import Image
 from tests.image_folders import CLASSES, make_image_folder, random_picture, write_image
 from workshop_dist.data import DataConfiguration, digits, make_eval_input
 from workshop_dist.data import convert as convert_module
-from workshop_dist.data.cli import HOOKS, main
+from workshop_dist.data.cli import main
 
 SINGLE = {"process_index": 0, "process_count": 1}
 CONVERT = ["--image-size", "16", "--channels", "3", "--skip-bad", "--quiet"]
@@ -158,25 +158,36 @@ def test_inspect_a_raw_folder_reports_mixed_sizes_and_the_bad_file(folder, tmp_p
     assert not list(Path.cwd().glob("inspect-*.png"))
 
 
-def fake_stats(split_source, out_npz, inception_weights):
-    """Stands in for the Inception port: proves the hook gets decoded images of one split."""
-    features = np.stack([split_source[i]["image"].mean(axis=(0, 1)) for i in range(len(split_source))])
-    np.savez(out_npz, mu=features.mean(0), sigma=np.cov(features, rowvar=False), weights=str(inception_weights))
-
-
-def test_stats_and_convert_weights_are_hooks(folder, tmp_path, monkeypatch, capsys):
+def test_stats_and_convert_weights_refuse_bad_weights_files(folder, tmp_path, capsys):
     weights = tmp_path / "weights.pth"
-    weights.write_bytes(b"weights")
-    assert main(["stats", str(folder.root), "--split", "validation", "--out", str(tmp_path / "r.npz"), "--weights", str(weights)]) == 2
-    assert "workshop-data stats is not available yet" in capsys.readouterr().err
-    assert main(["convert-weights", "inception", str(weights), str(tmp_path / "w.safetensors")]) == 2
-    assert "convert-weights is not available yet" in capsys.readouterr().err
-
-    monkeypatch.setitem(HOOKS, "stats", "tests.test_data_cli:fake_stats")
+    weights.write_bytes(b"not weights")
     args = ["stats", str(folder.root), "--split", "validation", "--out", str(tmp_path / "r.npz"), "--weights", str(weights)]
-    assert main([*args, "--image-size", "12", "--channels", "3"]) == 0
-    stats = np.load(tmp_path / "r.npz")
-    assert stats["mu"].shape == (3,) and stats["sigma"].shape == (3, 3) and str(stats["weights"]) == str(weights)
+    assert_one_message(capsys, main([*args, "--image-size", "12", "--channels", "3"]), "is not a readable safetensors file")
+    assert not (tmp_path / "r.npz").exists()
+    missing = tmp_path / "missing.pth"
+    assert_one_message(capsys, main(["convert-weights", "inception", str(missing), str(tmp_path / "w.safetensors")]),
+                       "does not exist")
+
+
+@pytest.mark.slow  # compiles InceptionV3 (about a minute on 2 cores)
+def test_stats_are_the_inception_statistics_of_every_image(tmp_path, capsys):
+    from workshop_dist.eval import fid, inception
+    from workshop_dist.weights import model_tensors, write_safetensors
+
+    small = make_image_folder(tmp_path / "small", per_class={"validation": 3})
+    model = inception.random_inception(0)
+    weights = write_safetensors(tmp_path / "inception.safetensors", model_tensors(model))
+    out = tmp_path / "ref.npz"
+    args = ["stats", str(small.root), "--split", "validation", "--out", str(out), "--weights", str(weights)]
+    assert main([*args, "--image-size", "16", "--channels", "3", "--quiet"]) == 0
+    mu, sigma = fid.load_statistics(out)
+    from workshop_dist.data.splits import ImageOptions, open_dataset
+
+    split = open_dataset(str(small.root), splits=["validation"], options=ImageOptions(16, 3)).splits["validation"]
+    images = np.stack([split[i]["image"] for i in range(len(split))]).astype(np.float32) / 255.0
+    expected = fid.FeatureStatistics.of(np.asarray(inception.feature_function(model)(images)))
+    np.testing.assert_allclose(mu, expected.mean(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sigma, expected.covariance(), rtol=1e-3, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -137,8 +137,15 @@ def test_a_best_metric_nothing_logs_is_one_clear_error(tmp_path):
         trainer.fit()
 
 
-def test_fid_on_images_needs_inception_weights():
-    with pytest.raises(ConfigError, match=r"eval\.inception_weights"):
-        ExperimentConfiguration.from_dict({}, ["data.source=images:/nowhere", "eval.fid_every=10"])
+def test_fid_needs_inception_weights_beyond_the_digits(caplog):
+    with pytest.raises(ConfigError, match=r"eval\.features=inception needs eval\.inception_weights"):
+        EvalConfiguration.from_dict({"fid_every": 10, "features": "inception"})
     with pytest.raises(ConfigError, match=r"eval\.fid_every is null"):
         EvalConfiguration.from_dict({"reference": "ref.npz"})
+    # A digits config pointed at other data (features: auto): a warning saying how, and no FID hook.
+    config = ExperimentConfiguration.from_dict({}, ["data.source=images:/nowhere", "eval.fid_every=10"])
+    trainer = vae_trainer(make_mesh(MeshConfiguration()))
+    hook = FIDHook.for_run(config.eval, trainer.engine, sink=Sink(), best=Best(), batch_size=16,
+                           experiment_config=config.model_dump(mode="json"), reference_data=None)
+    assert hook is None
+    assert "no FID is computed. Set eval.inception_weights" in caplog.text

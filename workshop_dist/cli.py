@@ -173,6 +173,7 @@ def _train(args, config, workdir, train_input, logger, mesh, quiet: bool) -> int
         mesh=mesh,
         mesh_config=config.mesh,
         experiment_config=config.model_dump(mode="json"),
+        eval_config=config.eval,
         preemption=watcher,
         progress_bar=sys.stderr.isatty() and not quiet,
     )

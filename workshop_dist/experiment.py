@@ -71,18 +71,6 @@ class ExperimentConfiguration(StrictConfig):
         return {**data, "model": model}
 
     @pydantic.model_validator(mode="after")
-    def _fid_network_available(self) -> ExperimentConfiguration:
-        evaluation = self.eval
-        inception = evaluation.resolved_features(self.data.source) == "inception"
-        if evaluation.fid_every is not None and inception and not evaluation.inception_weights:
-            raise ValueError(
-                f"eval.fid_every is set and data.source={self.data.source} is not the built-in digits, so FID uses "
-                "InceptionV3: set eval.inception_weights to a file made with `workshop-data convert-weights "
-                "inception pt_inception-2015-12-05-6726825d.pth OUT.safetensors`"
-            )
-        return self
-
-    @pydantic.model_validator(mode="after")
     def _batch_fits_mesh(self) -> ExperimentConfiguration:
         parallel_size = self.mesh.fixed_data_parallel_size
         if parallel_size is not None and self.training.batch_size % parallel_size:

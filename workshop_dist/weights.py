@@ -38,6 +38,8 @@ ALWAYS_IGNORED = ("num_batches_tracked",)  # PyTorch's BatchNorm step counter: n
 class WeightsError(WorkshopError):
     """A weights file that is missing, unreadable, or does not fit the model."""
 
+    exit_code = 2  # bad input: the message says which file and what to do
+
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors (numpy) and metadata of a safetensors file, or a :class:`WeightsError`."""

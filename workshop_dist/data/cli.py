@@ -22,14 +22,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-# Where `stats` and `convert-weights` find their implementation (the Inception port, issue 17
-# item 3), as "module:function", imported only when the command runs:
+# Where `stats` and `convert-weights` find their implementation (the Inception port), as
+# "module:function", imported only when the command runs (a test may point them elsewhere):
 #   stats(split_source: SplitSource, out_npz: Path, inception_weights: Path) -> None
 #       split_source: len() and [i] -> {"image": uint8 (H, W, C), ...} (workshop_dist.data.splits)
 #   convert_weights(network: str, source: Path, out: Path) -> None
 HOOKS = {
-    "stats": "workshop_dist.fid:reference_statistics",
-    "convert-weights": "workshop_dist.fid:convert_weights",
+    "stats": "workshop_dist.eval.stats:reference_statistics",
+    "convert-weights": "workshop_dist.eval.stats:convert_weights",
 }
 
 
@@ -185,8 +185,7 @@ def hook(command: str) -> Callable:
         module = None
     if module is None or not hasattr(module, function):
         raise ConfigError(
-            f"workshop-data {command} is not available yet: it needs the Inception network (issue 17), and "
-            f"{HOOKS[command]} is not in this installation."
+            f"workshop-data {command} is not available: {HOOKS[command]} is not in this installation."
         )
     return getattr(module, function)
 

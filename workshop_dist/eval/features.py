@@ -10,12 +10,15 @@ means nothing on 8x8 images).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from workshop_dist import parallel
 from workshop_dist.eval import fid
 from workshop_dist.eval.config import EvalConfiguration
 
@@ -34,6 +37,42 @@ class FeatureNetwork:
         """``[N, dim]`` features of images ``[N, H, W, C]`` in [0, 1] (jittable)."""
         model = nnx.merge(self.graphdef, weights)
         return model.features(images) if hasattr(model, "features") else model(images)
+
+
+class OnMesh:
+    """A feature network's weights replicated on ``mesh``, and the statistics of image batches computed there.
+
+    :meth:`sums` is pure (jit it inside a bigger program, as the FID hook does with its sampler); the
+    features never leave the devices: XLA reduces their sums across devices and hosts.
+    """
+
+    def __init__(self, network: FeatureNetwork, mesh: jax.sharding.Mesh, *, data_max: float = 1.0):
+        self.network, self.mesh, self.data_max = network, mesh, float(data_max)
+        self.replicated = parallel.replicated(mesh)
+        self.weights = parallel.place(network.weights, jax.tree.map(lambda _: self.replicated, network.weights))
+        self._sums = jax.jit(self.sums, out_shardings=self.replicated)
+
+    def sums(self, weights: Any, images: jax.Array, mask: jax.Array, shift: jax.Array) -> Any:
+        """``feature_sums`` of images in the data's range (``[0, data_max]``), padding rows masked."""
+        unit = jnp.clip(images.astype(jnp.float32) / self.data_max, 0.0, 1.0)
+        return fid.feature_sums(self.network.apply(weights, unit), shift, mask)
+
+    def place(self, value: np.ndarray) -> jax.Array:
+        return parallel.place(np.asarray(value), self.replicated)
+
+    def statistics(self, batches: Iterable[Mapping[str, jax.Array]]) -> fid.FeatureStatistics:
+        """Statistics of global batches (``image``, ``mask``) on the mesh, read back once at the end."""
+        zero, totals = self.place(np.zeros(self.network.dim, np.float32)), None
+        for batch in batches:
+            sums = self._sums(self.weights, batch["image"], batch["mask"], zero)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)  # on the device: no sync
+        if totals is None:
+            raise fid.FIDError("no images to compute feature statistics of")
+        return self.to_host(totals)
+
+    def to_host(self, totals: Any, shift: np.ndarray | None = None) -> fid.FeatureStatistics:
+        count, total, outer = jax.device_get(totals)
+        return fid.FeatureStatistics(self.network.dim).add_sums(count, total, outer, shift)
 
 
 def inception(weights_path: str | None, *, precision: str = "highest") -> FeatureNetwork:

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 class FIDError(WorkshopError):
     """Statistics that cannot be compared: other feature sizes, unreadable files, complex roots."""
 
+    exit_code = 2  # bad input: the message says which file and what to do
+
 
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6

@@ -358,11 +358,12 @@ class Trainer:
 
     def _validate(self, *, final: bool = False) -> dict[str, float] | None:
         """Evaluation outside the loop, with its samples and best checkpoint (at the end also the FID hook's)."""
-        hooks = [self._evaluate] if self.val_data_loader is not None and self._evaluate.last_step != self.step else []
+        evaluate = self.val_data_loader is not None and self._evaluate.last_step != self.step
+        hooks = [self._evaluate] if evaluate else []
         hooks += [self._fid] if final and self._fid and self._fid.last_step != self.step else []
         if not hooks:
             return None
-        hooks += [*([self._samples] if self._samples.enabled else []), self._checkpoint]
+        hooks += [*([self._samples] if evaluate and self._samples.enabled else []), self._checkpoint]
         loop.run_now(hooks, step=self.step, state=self._state, clock=self.clock, observers=[h for h in [self._runlog] if h])
         if self._evaluate.last_step != self.step:
             return None

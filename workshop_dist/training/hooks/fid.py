@@ -21,7 +21,7 @@ import numpy as np
 from workshop_dist import parallel
 from workshop_dist.eval import fid
 from workshop_dist.eval.config import EvalConfiguration
-from workshop_dist.eval.features import FeatureNetwork
+from workshop_dist.eval.features import FeatureNetwork, OnMesh
 from workshop_dist.training import inputs
 from workshop_dist.training import step as steps
 from workshop_dist.training.engine import Engine
@@ -57,13 +57,11 @@ class FIDHook:
         (an evaluation loader), computed on the mesh at the first evaluation."""
         self.engine, self.network, self.every, self.num_samples = engine, network, every, num_samples
         self.batch_size = inputs.round_up(batch_size, parallel.data_parallel_size(engine.mesh))
-        self.sink, self.best, self.data_max, self.seed = sink, best, float(data_max), seed
+        self.sink, self.best, self.seed = sink, best, seed
         self.sampling = tuple(sorted((sampling or {}).items()))
         self._reference, self.reference_data = reference, reference_data
-        replicated = parallel.replicated(engine.mesh)
-        self._weights = parallel.place(network.weights, jax.tree.map(lambda _: replicated, network.weights))
-        self._sums = jax.jit(self._feature_sums, out_shardings=replicated)
-        self._sample_sums = jax.jit(self._sample_feature_sums, static_argnums=(0,), out_shardings=replicated)
+        self.features = OnMesh(network, engine.mesh, data_max=data_max)
+        self._sample_sums = jax.jit(self._sample_feature_sums, static_argnums=(0,), out_shardings=self.features.replicated)
         self._sample = steps.make_sample_fn(engine.calls)
         self.last_step: int | None = None
         self.history: list[dict[str, float]] = []
@@ -106,50 +104,32 @@ class FIDHook:
     def sample_statistics(self, state: Any, shift: np.ndarray | None = None) -> fid.FeatureStatistics:
         """Feature statistics of ``num_samples`` samples of ``state`` (the evaluation parameters)."""
         params, model_state = self.engine.eval_params(state), state.model_state
-        classes = self.engine.num_classes
-        shift_on_mesh = self._on_mesh(np.zeros(self.network.dim, np.float32) if shift is None else shift)
+        classes, place = self.engine.num_classes, self.features.place
+        shift_on_mesh = place(np.zeros(self.network.dim, np.float32) if shift is None else shift.astype(np.float32))
         totals = None
         for index, start in enumerate(range(0, self.num_samples, self.batch_size)):
             count = min(self.batch_size, self.num_samples - start)
-            labels = None
-            if classes:
-                labels = self._on_mesh(((start + np.arange(self.batch_size)) % classes).astype(np.int32))
-            mask = self._on_mesh((np.arange(self.batch_size) < count).astype(np.float32))
+            labels = place(((start + np.arange(self.batch_size)) % classes).astype(np.int32)) if classes else None
+            mask = place((np.arange(self.batch_size) < count).astype(np.float32))
             rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), index)
-            sums = self._sample_sums(self.batch_size, params, model_state, self._weights, rng, labels, mask, shift_on_mesh)
+            sums = self._sample_sums(self.batch_size, params, model_state, self.features.weights, rng, labels, mask,
+                                     shift_on_mesh)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)  # on the device: no sync
-        return self._to_host(totals, shift)
+        return self.features.to_host(totals, shift)
 
     def data_statistics(self, data: Any) -> fid.FeatureStatistics:
-        """Feature statistics of every example of ``data`` (padding masked), computed on the mesh."""
-        totals = None
-        zero = self._on_mesh(np.zeros(self.network.dim, np.float32))
-        for host_batch in inputs.eval_batches(data, self.batch_size // jax.process_count()):
-            batch = parallel.host_batch_to_global(host_batch, self.engine.mesh)
-            sums = self._sums(self._weights, batch["image"], batch["mask"], zero)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        if totals is None:
-            raise fid.FIDError("the evaluation data for the FID reference is empty")
-        stats = self._to_host(totals, None)
+        """Feature statistics of every example of ``data`` (an evaluation loader; padding masked), on the mesh."""
+        batches = (parallel.host_batch_to_global(batch, self.engine.mesh)
+                   for batch in inputs.eval_batches(data, self.batch_size // jax.process_count()))
+        stats = self.features.statistics(batches)
         self.reference_count = stats.count
         return stats
-
-    def _feature_sums(self, weights: Any, images: jax.Array, mask: jax.Array, shift: jax.Array) -> Any:
-        unit = jnp.clip(images.astype(jnp.float32) / self.data_max, 0.0, 1.0)  # data range -> [0, 1]
-        return fid.feature_sums(self.network.apply(weights, unit), shift, mask)
 
     def _sample_feature_sums(self, count: int, params: Any, model_state: Any, weights: Any, rng: jax.Array,
                              labels: jax.Array | None, mask: jax.Array, shift: jax.Array) -> Any:
         images = self._sample(params, model_state, rng, labels, count, self.sampling)
         images = jax.lax.with_sharding_constraint(images, self.engine.batch_sharding)  # features per device
-        return self._feature_sums(weights, images, mask, shift)
-
-    def _on_mesh(self, value: np.ndarray) -> jax.Array:
-        return parallel.place(value, parallel.replicated(self.engine.mesh))
-
-    def _to_host(self, totals: Any, shift: np.ndarray | None) -> fid.FeatureStatistics:
-        count, total, outer = jax.device_get(totals)
-        return fid.FeatureStatistics(self.network.dim).add_sums(count, total, outer, shift)
+        return self.features.sums(weights, images, mask, shift)
 
     @classmethod
     def for_run(
@@ -163,6 +143,12 @@ class FIDHook:
         from workshop_dist.eval import features
 
         data = DataConfiguration.model_validate((experiment_config or {}).get("data") or {})
+        if network is None and config.resolved_features(data.source) == "inception" and not config.inception_weights:
+            log.warning(  # a digits config pointed at other data: its val/fd does not apply, FID needs weights
+                "eval.fid_every is set, but FID on data.source=%s needs InceptionV3: no FID is computed. Set "
+                "eval.inception_weights to a file made with `workshop-data convert-weights inception "
+                "pt_inception-2015-12-05-6726825d.pth OUT.safetensors`, or eval.fid_every=null.", data.source)
+            return None
         network = network or features.for_run(config, data.source)
         reference = None
         if config.reference:

@@ -58,7 +58,7 @@ class MetricSink:
         self.metrics_logger.log_metrics(step, metrics, prefix)
         if self.callback is not None:
             self.callback(step, metrics, prefix)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "learning_rate", "examples_per_second"))
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "learning_rate", "examples_per_second", "fid", "fd"))
         on_bar = prefix == "train" and self.progress_bar and is_primary()
         if on_bar:
             if self._bar is None:
