@@ -73,6 +73,16 @@ def test_two_processes_match_one_process_with_eight_devices(two_by_four, tmp_pat
     run = Launch(1, 8, tmp_path)
     assert run.finish() == 0, run.output[-4000:]
     assert_close(checkpoint_arrays(tmp_path / "checkpoints" / str(STEPS)), checkpoint_arrays(two_by_four / "checkpoints" / str(STEPS)))
+    # The FID hook at the end (the digits classifier's val/fd): samples, features and their sums on
+    # both topologies, reduced across the two processes: the same score.
+    one, two = (final_scores(workdir) for workdir in (tmp_path, two_by_four))
+    assert list(one) == list(two) == [STEPS]
+    np.testing.assert_allclose(two[STEPS], one[STEPS], rtol=1e-4)
+
+
+def final_scores(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["val/fd"] for row in rows if "val/fd" in row}
 
 
 def test_two_processes_match_one_process_with_engine_options_on(tmp_path):

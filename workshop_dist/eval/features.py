@@ -42,20 +42,30 @@ class FeatureNetwork:
 class OnMesh:
     """A feature network's weights replicated on ``mesh``, and the statistics of image batches computed there.
 
-    :meth:`sums` is pure (jit it inside a bigger program, as the FID hook does with its sampler); the
-    features never leave the devices: XLA reduces their sums across devices and hosts.
+    :meth:`sums` is pure (jit it inside a bigger program, as the FID hook does with its sampler). Each
+    data-parallel shard keeps its own partial sums (``[shards, ...]``, sharded like the batch), so a
+    batch costs no communication; :meth:`to_host` reduces them across devices and hosts once.
     """
 
     def __init__(self, network: FeatureNetwork, mesh: jax.sharding.Mesh, *, data_max: float = 1.0):
         self.network, self.mesh, self.data_max = network, mesh, float(data_max)
+        self.shards = parallel.data_parallel_size(mesh)
         self.replicated = parallel.replicated(mesh)
+        self.partial = parallel.batch_sharding(mesh)  # the leading (shard) axis over the batch axes
         self.weights = parallel.place(network.weights, jax.tree.map(lambda _: self.replicated, network.weights))
-        self._sums = jax.jit(self.sums, out_shardings=self.replicated)
+        self._sums = jax.jit(self.sums, out_shardings=self.partial)
+        self._reduce = jax.jit(lambda totals: jax.tree.map(lambda x: x.sum(axis=0), totals), out_shardings=self.replicated)
 
     def sums(self, weights: Any, images: jax.Array, mask: jax.Array, shift: jax.Array) -> Any:
-        """``feature_sums`` of images in the data's range (``[0, data_max]``), padding rows masked."""
+        """Per-shard ``(count, sum(x - shift), sum((x - shift)(x - shift)^T))`` of images in the data's range
+        (``[0, data_max]``), padding rows (``mask`` 0) left out: shapes ``[shards]``, ``[shards, D]``, ``[shards, D, D]``."""
         unit = jnp.clip(images.astype(jnp.float32) / self.data_max, 0.0, 1.0)
-        return fid.feature_sums(self.network.apply(weights, unit), shift, mask)
+        feats = self.network.apply(weights, unit).astype(jnp.float32)
+        grouped = jax.lax.with_sharding_constraint(feats.reshape(self.shards, -1, feats.shape[-1]), self.partial)
+        weight = mask.astype(jnp.float32).reshape(self.shards, -1)
+        centred = (grouped - shift) * weight[..., None]  # rows of padding become zeros
+        outer = jnp.einsum("gnd,gne->gde", centred, centred, precision=jax.lax.Precision.HIGHEST)
+        return weight.sum(axis=1).astype(jnp.int32), centred.sum(axis=1), outer
 
     def place(self, value: np.ndarray) -> jax.Array:
         return parallel.place(np.asarray(value), self.replicated)
@@ -71,7 +81,8 @@ class OnMesh:
         return self.to_host(totals)
 
     def to_host(self, totals: Any, shift: np.ndarray | None = None) -> fid.FeatureStatistics:
-        count, total, outer = jax.device_get(totals)
+        """The per-shard sums reduced across devices and hosts, in float64 on the host."""
+        count, total, outer = jax.device_get(self._reduce(totals))
         return fid.FeatureStatistics(self.network.dim).add_sums(count, total, outer, shift)
 
 

@@ -2,9 +2,9 @@
 against reference statistics in a feature network's space (``val/fid``, or ``val/fd`` for digits).
 
 Nothing leaves the devices but the statistics: each call samples one batch on the whole mesh
-(split over it like a training batch), computes the features there and reduces their sum and sum
-of outer products across devices and hosts inside the same jitted program; the host adds those
-up in float64 (:class:`~workshop_dist.eval.fid.FeatureStatistics`) and computes the Frechet
+(split over it like a training batch), computes the features there and adds each shard's sum and
+sum of outer products to that shard's totals inside the same jitted program; at the end they are
+reduced across devices and hosts once and read back in float64 (:class:`~workshop_dist.eval.fid.FeatureStatistics`) and computes the Frechet
 distance. The samples' noise is the same at every evaluation (``eval.seed``), so the scores of a
 run compare; conditional models get class-balanced labels.
 """
@@ -61,7 +61,7 @@ class FIDHook:
         self.sampling = tuple(sorted((sampling or {}).items()))
         self._reference, self.reference_data = reference, reference_data
         self.features = OnMesh(network, engine.mesh, data_max=data_max)
-        self._sample_sums = jax.jit(self._sample_feature_sums, static_argnums=(0,), out_shardings=self.features.replicated)
+        self._sample_sums = jax.jit(self._sample_feature_sums, static_argnums=(0,), out_shardings=self.features.partial)
         self._sample = steps.make_sample_fn(engine.calls)
         self.last_step: int | None = None
         self.history: list[dict[str, float]] = []
