@@ -105,15 +105,23 @@ def test_on_error_continue_warns_and_the_next_save_tries_again(full_disk, caplog
     no_orbax_tracebacks(caplog, capfd)
 
 
-def test_a_directory_that_became_read_only(tmp_path, caplog, capfd):
+@pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
+def test_a_directory_that_became_read_only(tmp_path, async_save, caplog, capfd):
+    """With the data position too, as the loop saves: Orbax's own async default creates the directories in
+    a thread, and the data item's save waited 20 minutes (its timeout) for the one that failed."""
+    from workshop_dist import data
+
     needs_root()
     directory = tmp_path / "checkpoints"
-    manager = CheckpointManager(directory, async_save=False)
-    manager.save(1, SMALL, metadata={"step": 1})
+    position = data.make_train_input(data.DataConfiguration(cache=True), global_batch_size=64, seed=0).iterator
+    manager = CheckpointManager(directory, async_save=async_save)
+    manager.save(1, SMALL, metadata={"step": 1}, data_iterator=position)
+    manager.wait()
     make_read_only(directory)
     try:
         with pytest.raises(CheckpointSaveError, match="the file system is read-only") as failure:
-            manager.save(2, SMALL, metadata={"step": 2})
+            manager.save(2, SMALL, metadata={"step": 2}, data_iterator=position)
+            manager.wait()
         assert failure.value.last_complete == 1
         assert "Read-only file system" in str(failure.value)
         manager.close()

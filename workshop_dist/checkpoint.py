@@ -241,9 +241,9 @@ class CheckpointManager:
             best_fn=_best_value,  # Orbax stores each save's metrics, ranks by it
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            preservation_policy=preservation,
-            create=True,
+            cleanup_tmp_directories=True, preservation_policy=preservation, create=True,
+            # directories made in save(): one that cannot be made fails it now (async: a 20-minute hang)
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         self._manager = ocp.CheckpointManager(
             self.directory, item_handlers=_item_handlers(replica_parallel), options=options
