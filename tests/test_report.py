@@ -156,6 +156,27 @@ def test_a_running_job_and_an_error_end(tmp_path):
     assert compute_report(tmp_path).restarts[-1].cause == "error: boom"
 
 
+def test_a_finished_run_extended_days_later_is_a_continuation_not_a_restart(synthetic):
+    # C finished at 1270; a day later the run is extended (max_steps raised) and D trains 300 -> 400.
+    later = 1270 + 86_400
+    extension = [
+        timed("D", later + 2, 300, "restore", 2),
+        start("D", later + 2, 300, resumed_from=300),
+        timed("D", later + 5, 301, "compile", 3),
+        timed("D", later + 45, 400, "train", 40),
+        end("D", later + 46, 400, "finished"),
+    ]
+    write_events(synthetic, [*SYNTHETIC, *extension])
+    report = compute_report(synthetic)
+    assert (report.starts, len(report.restarts), report.continuations) == (4, 2, 1)  # the two of SYNTHETIC only
+    assert report.idle_seconds == 86_400 and report.seconds["restarts"] == 108.0
+    assert report.wall_seconds == 270.0 + 46  # the idle day is nobody's lost time
+    assert report.goodput == pytest.approx(170 / 316)
+    text = format_report(report)
+    assert "process starts                    4 (2 restarts; 1 continued a finished run)" in text
+    assert "(first start to last event, less 24h 00m 00s idle after finished processes)" in text
+
+
 def test_best_checkpoint_falls_back_to_metadata_without_eval_events(tmp_path):
     write_events(tmp_path, [start("A", 0, 0), timed("A", 5, 30, "train", 5)])
     write_checkpoint(tmp_path, 10, best_loss=5.0)

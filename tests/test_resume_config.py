@@ -105,6 +105,18 @@ def test_an_extended_cosine_run_is_named_and_kept_continuous():
     np.testing.assert_allclose(rates[60:], 1e-4, rtol=1e-5)
 
 
+def test_a_second_extension_keeps_the_pin_of_the_first():
+    """The first extension saved its config with cycle_length=60; the same command again must not unpin it."""
+    pinned = "training.scheduler={scheduler_type: cosine, warmup_steps: 5, min_lr_ratio: 0.1, cycle_length: 60}"
+    old = training(pinned, "training.length.max_steps=90")
+    for max_steps in (90, 120):  # started again as it was, then extended once more
+        (change,) = schedule_changes(old, training(*COSINE, f"training.length.max_steps={max_steps}"), 90, 7)
+        assert change.overrides == {"training.scheduler.cycle_length": 60}
+        assert change.continuous == pytest.approx(change.before) == pytest.approx(1e-4)
+    # Unchanged length and no pin before: nothing to say.
+    assert schedule_changes(training(*COSINE, "training.length.max_steps=90"), training(*COSINE, "training.length.max_steps=90"), 50, 7) == []
+
+
 def test_a_linear_schedule_pins_total_steps_and_groups_are_handled_each():
     linear = "training.scheduler={scheduler_type: linear, warmup_steps: 2}"
     groups = "training.optimizers={generator: {learning_rate: 0.01}, critic: {learning_rate: 0.02, scheduler: {scheduler_type: constant}}}"
@@ -141,3 +153,26 @@ def test_the_checkpoints_config_is_read_before_anything_is_built(tmp_path):
     step, config = saved_config(tmp_path)
     assert step == 4 and config == old
     assert [str(c) for c in config_diff(config, new)] == ["training.length.max_steps: 60 -> 90"]
+
+
+def test_a_checkpoint_of_an_older_version_shows_only_real_changes(tmp_path):
+    """Fields this version added (their defaults) and deprecated names are not changes; a pin is applied."""
+    from workshop_dist import resume
+    from workshop_dist.checkpoint import CheckpointManager
+
+    old = resolved(*COSINE, "training.num_epochs=100", "training.length.max_steps=60")
+    del old["eval"], old["training"]["on_config_change"]  # an older version's config had neither
+    old["training"]["max_steps"] = old["training"].pop("length")["max_steps"]  # nor the sections
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    manager.save(50, {"w": np.arange(3.0)}, metadata={"step": 50}, config=old)
+    manager.close()
+    config = ExperimentConfiguration.from_dict({}, [*COSINE, "training.num_epochs=100", "training.length.max_steps=90"])
+    plan = resume.plan(config, tmp_path, steps_per_epoch=7)
+    assert plan.step == 50 and not plan.finished
+    assert [str(c) for c in plan.changes] == [
+        "training.scheduler.cycle_length: null -> 60", "training.length.max_steps: 60 -> 90"
+    ]
+    assert plan.config.training.scheduler.cycle_length == 60 and plan.total_steps == 90
+    assert [s.overrides for s in plan.schedules] == [{"training.scheduler.cycle_length": 60}]
+    same = ExperimentConfiguration.from_dict({}, [*COSINE, "training.num_epochs=100", "training.length.max_steps=60"])
+    assert resume.plan(same, tmp_path, steps_per_epoch=7).changes == []

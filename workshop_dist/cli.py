@@ -154,11 +154,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args, config, workdir, train_input, logger, mesh, quiet: bool) -> int:
     """Build the Trainer, resume or start, train, and say where everything went."""
-    from workshop_dist import data, distributed, storage
+    from workshop_dist import data, distributed, resume, storage
     from workshop_dist.metrics import MetricsLogger
     from workshop_dist.training import Trainer
     from workshop_dist.training.preemption import PreemptionWatcher
 
+    plan = resume.plan(config, workdir, train_input.steps_per_epoch)  # before the Trainer builds its schedules
+    resume.log_changes(plan, logger)
+    if plan.finished:  # nothing is built, trained or written
+        primary = distributed.is_primary()
+        distributed.shutdown()
+        if primary and not quiet:
+            print(plan.finished_message())
+        return 0
+    config = plan.config  # an extended run's schedule keeps its length: the learning rate stays continuous
     training, model = config.training, config.model
     val_input = data.make_eval_input(config.data, global_batch_size=training.batch_size)
     watcher = PreemptionWatcher().install()
@@ -179,6 +188,7 @@ def _train(args, config, workdir, train_input, logger, mesh, quiet: bool) -> int
     )
     try:
         _resume_or_start(trainer, training, args.restore or training.checkpoint.restore_from, logger)
+        start = trainer.step
         if distributed.is_primary():
             if not storage.is_remote(workdir):  # a bucket has no directories to make
                 workdir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +200,7 @@ def _train(args, config, workdir, train_input, logger, mesh, quiet: bool) -> int
         watcher.uninstall()
         distributed.shutdown()
     if distributed.is_primary() and not quiet:
-        print(f"Trained {trainer.step} steps. Outputs in {workdir}:")
+        print(f"Trained {trainer.step - start} steps ({start} -> {trainer.step}). Outputs in {workdir}:")
         print(f"  checkpoints  {trainer.checkpoint_dir}/<step>/  (latest: {trainer.checkpoints.latest_step()})")
         print(f"  metrics      {workdir / 'logs' / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {workdir / 'logs'})")
         if final is not None:

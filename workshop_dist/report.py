@@ -30,7 +30,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("restarts", "restarts (between processes)"),
     ("other", "other (start-up, data, logging)"),
 )
-CAUSES = {"preempted": "preemption", "error": "error", "finished": "a finished run was continued"}
+CAUSES = {"preempted": "preemption", "error": "error"}  # a start after "finished" is a continuation, not a restart
 
 
 @dataclasses.dataclass
@@ -38,7 +38,7 @@ class Restart:
     """A process start after an earlier one; ``cause`` is how the earlier one stopped."""
 
     at_step: int  # where the new process resumed
-    cause: str  # preemption, error: ..., crash (no end event), a finished run was continued
+    cause: str  # preemption, error: ..., crash (no end event)
     steps_redone: int  # steps the earlier process did past the checkpoint it resumed from
     downtime: float  # seconds between the earlier process's last event and this one's start
     tier: str | None = None  # the checkpoint tier the restore read (tiered checkpoints: local or persistent)
@@ -68,6 +68,8 @@ class RunReport:
     best_checkpoint: Checkpoint | None
     last_event_time: float
     error: str | None = None
+    continuations: int = 0  # starts after a process that finished the run (it was extended)
+    idle_seconds: float = 0.0  # between a finished process and the next start: left out of the wall time
 
     @property
     def steps_to_go(self) -> int | None:
@@ -75,7 +77,7 @@ class RunReport:
 
     @property
     def goodput(self) -> float | None:
-        """Time in training steps over wall time (from the first start to the last event)."""
+        """Time in training steps over wall time (from the first start to the last event, less the idle time)."""
         return self.seconds["train"] / self.wall_seconds if self.wall_seconds > 0 else None
 
 
@@ -104,19 +106,22 @@ def compute_report(workdir: str | os.PathLike, checkpoint_dir: str | os.PathLike
         if event["event"] == "time" and event.get("kind") in KINDS:
             seconds[event["kind"]] += float(event["seconds"])
 
-    restarts = []
+    restarts, continuations, idle = [], 0, 0.0
     for index in range(1, len(ordered)):
         previous, end = ordered[index - 1], ends[index - 1]
         start = starts[index] or ordered[index][0]
         resumed_from = start.get("resumed_from")
         last_step = max(e["step"] for e in previous)
+        downtime = max(_session_start(ordered[index]) - max(e["time"] for e in previous), 0.0)
+        if end is not None and end["reason"] == "finished":  # the run was done until someone extended it
+            continuations, idle = continuations + 1, idle + downtime
+            continue
         if end is None:
             cause = "crash (no end event)"
         elif end["reason"] == "error" and end.get("detail"):
             cause = f"error: {end['detail']}"
         else:
             cause = CAUSES.get(end["reason"], end["reason"])
-        downtime = max(_session_start(ordered[index]) - max(e["time"] for e in previous), 0.0)
         redone = max(last_step - resumed_from, 0) if resumed_from is not None else 0
         tier = next((e.get("tier") for e in ordered[index] if e.get("kind") == "restore" and e.get("tier")), None)
         restarts.append(Restart(start["step"], cause, redone, downtime, tier))
@@ -124,7 +129,7 @@ def compute_report(workdir: str | os.PathLike, checkpoint_dir: str | os.PathLike
 
     first_time = _session_start(ordered[0])
     last_time = max(event["time"] for event in events)
-    wall = last_time - first_time
+    wall = last_time - first_time - idle
     seconds["other"] = max(wall - sum(seconds.values()), 0.0)
 
     latest_start = next((s for s in reversed(starts) if s is not None), {})
@@ -162,6 +167,8 @@ def compute_report(workdir: str | os.PathLike, checkpoint_dir: str | os.PathLike
         best_checkpoint=best_checkpoint(checkpoints, best_step),
         last_event_time=last_time,
         error=last_end.get("detail") if last_end and last_end["reason"] == "error" else None,
+        continuations=continuations,
+        idle_seconds=idle,
     )
 
 
@@ -229,7 +236,8 @@ def format_report(report: RunReport, now: float | None = None) -> str:
     total = "?" if report.total_steps is None else f"{report.total_steps:,}"
     row("steps", f"{report.steps_done:,} of {total} done, {to_go} to go")
     row("examples seen", "unknown" if report.examples_seen is None else f"{report.examples_seen:,}")
-    row("process starts", f"{report.starts} ({len(report.restarts)} restart{'s' if len(report.restarts) != 1 else ''})")
+    continued = f"; {report.continuations} continued a finished run" if report.continuations else ""
+    row("process starts", f"{report.starts} ({len(report.restarts)} restart{'s' if len(report.restarts) != 1 else ''}{continued})")
     for number, restart in enumerate(report.restarts, 1):
         row(
             f"restart {number}",
@@ -238,7 +246,8 @@ def format_report(report: RunReport, now: float | None = None) -> str:
             f"{format_duration(restart.downtime)} between processes",
             indent=4,
         )
-    row("wall time", f"{format_duration(report.wall_seconds)} (first start to last event)")
+    idle = f", less {format_duration(report.idle_seconds)} idle after finished processes" if report.idle_seconds else ""
+    row("wall time", f"{format_duration(report.wall_seconds)} (first start to last event{idle})")
     for key, label in CATEGORIES:
         share = report.seconds[key] / report.wall_seconds if report.wall_seconds > 0 else 0.0
         row(label, f"{format_duration(report.seconds[key]):>12}  {share:6.1%}", indent=4)

@@ -209,9 +209,9 @@ def schedule_changes(
         overrides: dict[str, int] = {}
         pinned = new_schedule
         length_field = _LENGTH_FIELD.get(new_schedule.scheduler_type) if new_schedule is not None else None
-        if length_field and getattr(new_schedule, length_field) is None and new_total != old_total:
-            old_length = _length(old_schedule, old_total)
-            if old_length is not None and old_schedule.scheduler_type == new_schedule.scheduler_type:
+        if length_field and getattr(new_schedule, length_field) is None:  # it would follow the new run length
+            old_length = _length(old_schedule, old_total)  # (the old one may be pinned already: a second extension)
+            if old_length not in (None, new_total) and old_schedule.scheduler_type == new_schedule.scheduler_type:
                 overrides[f"{prefix}.{length_field}"] = old_length
                 pinned = new_schedule.model_copy(update={length_field: old_length})
         continuous = _rate(pinned, new_lr, new_total, step)

@@ -242,6 +242,11 @@ class TrainingConfiguration(StrictConfig):
         description="On a non-finite loss/gradient: stop the run (no checkpoint of the broken state is "
         "written), or skip that update and go on.",
     )
+    on_config_change: Literal["warn", "refuse"] = pydantic.Field(
+        "warn",
+        description="At a resume, the config differs from the checkpoint's: log the changes and go on, or "
+        "refuse (exit 2 with the list).",
+    )
     length: LengthConfiguration = pydantic.Field(default_factory=LengthConfiguration)
     cadence: CadenceConfiguration = pydantic.Field(default_factory=CadenceConfiguration)
     ema: EMAConfiguration = pydantic.Field(default_factory=EMAConfiguration)
