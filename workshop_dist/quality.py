@@ -137,6 +137,9 @@ def train_classifier(seed: int = 0, steps: int | None = None) -> Classifier:
             return Classifier(graphdef, params, float(metadata["train_accuracy"]), float(metadata["test_accuracy"]))
         except (weights.WeightsError, KeyError, ValueError):
             pass  # damaged or of another layout: train it again
+    import logging
+
+    logging.getLogger("workshop_dist").info("Training the digits quality classifier once (about a minute); kept in %s.", path)
     classifier = _train_classifier(seed, None)
     accuracies = {"train_accuracy": repr(classifier.train_accuracy), "test_accuracy": repr(classifier.test_accuracy)}
     with contextlib.suppress(weights.WeightsError):  # a read-only home: train it in every process
