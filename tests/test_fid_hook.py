@@ -149,3 +149,37 @@ def test_fid_needs_inception_weights_beyond_the_digits(caplog):
                            experiment_config=config.model_dump(mode="json"), reference_data=None)
     assert hook is None
     assert "no FID is computed. Set eval.inception_weights" in caplog.text
+
+
+def run_cli(tmp_path, capsys, *overrides: str) -> tuple[int, str]:
+    from workshop_dist import cli
+
+    runs = sorted(tmp_path.glob("run*"))  # a fresh workdir each time
+    code = cli.main(["--workdir", str(tmp_path / f"run{len(runs)}"), "--quiet", "training.length.max_steps=2", "training.scheduler=null",
+                     "eval.fid_samples=16", *overrides])
+    return code, capsys.readouterr().err
+
+
+def test_bad_fid_inputs_are_one_message_each(tmp_path, capsys):
+    from workshop_dist.eval import inception
+    from workshop_dist.weights import model_tensors, write_safetensors
+
+    inception_on = ["eval.fid_every=1", "eval.features=inception"]
+    code, err = run_cli(tmp_path, capsys, *inception_on, f"eval.inception_weights={tmp_path / 'missing.safetensors'}")
+    assert code == 2 and err.count("\n") == 1 and "missing.safetensors does not exist" in err, err
+
+    tensors = model_tensors(inception.random_inception(0))
+    tensors.pop("Mixed_7c.branch_pool.conv.kernel")
+    tensors["Mixed_5b.branch1x1.conv.kernel"] = np.zeros((1, 1, 192, 63), np.float32)
+    wrong = write_safetensors(tmp_path / "wrong.safetensors", tensors)
+    code, err = run_cli(tmp_path, capsys, *inception_on, f"eval.inception_weights={wrong}")
+    assert code == 2 and "Traceback" not in err, err
+    assert "Mixed_7c.branch_pool.conv.kernel" in err and "Mixed_5b.branch1x1.conv.kernel" in err and "63" in err
+
+    small = tmp_path / "digits_ref.npz"
+    fid.save_statistics(small, np.zeros(64), np.eye(64))
+    code, err = run_cli(tmp_path, capsys, "eval.fid_every=1", "eval.fid_samples=200", f"eval.reference={small}")
+    assert code == 0, err  # the digits classifier's features are 64-d
+    right = write_safetensors(tmp_path / "right.safetensors", model_tensors(inception.random_inception(0)))
+    code, err = run_cli(tmp_path, capsys, *inception_on, f"eval.inception_weights={right}", f"eval.reference={small}")
+    assert code == 2 and err.count("\n") == 1 and "64-d features" in err and "2048-d" in err, err

@@ -65,6 +65,10 @@ class FIDHook:
         self._sample = steps.make_sample_fn(engine.calls)
         self.last_step: int | None = None
         self.history: list[dict[str, float]] = []
+        if num_samples <= network.dim:
+            log.warning("eval.fid_samples=%d is not more than the %d features: their covariance is singular, so %s is "
+                        "unstable and biased; use several times more (FID-10k, FID-50k).", num_samples, network.dim,
+                        self.metric)
 
     @property
     def metric(self) -> str:
@@ -80,8 +84,12 @@ class FIDHook:
         """Score ``state``'s samples at ``step``: log the distance, remember it, offer it to the best metric."""
         mu_ref, sigma_ref = self.reference()
         mu, sigma = self.sample_statistics(state, shift=mu_ref).gaussian()
-        value = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
         self.last_step = step
+        try:
+            value = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        except fid.FIDError as err:  # e.g. too few samples for a stable matrix root: the run goes on
+            log.warning("No %s at step %d: %s", self.metric, step, err)
+            return float("nan")
         self.history.append({"step": step, self.network.metric: value})
         self.sink.write(step, {self.network.metric: value}, "val")
         self.best.offer(step, {self.metric: value})
