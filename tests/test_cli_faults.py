@@ -157,6 +157,10 @@ def test_on_config_change_refuse_exits_2_with_the_list_and_trains_nothing(tmp_pa
     assert "  training.length.max_steps: 3 -> 4  [schedule]" in err.splitlines()
     assert "Traceback" not in err
     assert rows(workdir) == written and sorted(p.name for p in (workdir / "checkpoints").iterdir()) == checkpoints
+    # WORKDIR/config.yaml is still the checkpoint's run's: resuming with it is no change
+    saved = ["--config", str(workdir / "config.yaml"), "training.on_config_change=refuse"]
+    assert cli.main(["--workdir", str(workdir), *saved]) == 0
+    assert capsys.readouterr().out.startswith("Run already finished at step 3 ")
 
 
 def test_a_finished_run_started_again_changes_nothing_and_an_extension_is_no_restart(tmp_path, capsys):

@@ -108,3 +108,26 @@ def test_the_quickstart_train_command_is_an_installed_entry_point():
     from workshop_dist.cli import default_config_path
 
     assert default_config_path().is_file()  # `workshop-train` with no arguments has a config to run
+
+
+def console_examples(section: str) -> list[tuple[list[str], str]]:
+    """The ``$ workshop-train ...`` commands of a section's console blocks, each with the output shown under it."""
+    body = README.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    examples = []
+    for block in re.findall(r"```console\n(.*?)```", body, re.S):
+        for chunk in re.split(r"^\$ ", block, flags=re.M)[1:]:
+            command, _, output = chunk.partition("\n")
+            examples.append((shlex.split(command), output))
+    return examples
+
+
+def test_the_configuration_error_example_is_what_workshop_train_prints(tmp_path, monkeypatch, capsys):
+    from workshop_dist import cli
+
+    [(command, shown)] = console_examples("Configuration")
+    assert command[0] == "workshop-train"
+    monkeypatch.chdir(tmp_path)  # the default ./workdir, if anything were written
+    code = cli.main(command[1:])
+    out, err = capsys.readouterr()
+    assert code == 2 and out + err == shown
+    assert list(tmp_path.iterdir()) == []  # writes nothing

@@ -176,3 +176,19 @@ def test_a_checkpoint_of_an_older_version_shows_only_real_changes(tmp_path):
     assert [s.overrides for s in plan.schedules] == [{"training.scheduler.cycle_length": 60}]
     same = ExperimentConfiguration.from_dict({}, [*COSINE, "training.num_epochs=100", "training.length.max_steps=60"])
     assert resume.plan(same, tmp_path, steps_per_epoch=7).changes == []
+
+
+def test_the_finished_message_names_the_field_that_set_the_length():
+    from workshop_dist.resume import ResumePlan
+
+    by_steps = ExperimentConfiguration.from_dict({}, ["training.num_epochs=100", "training.length.max_steps=60"])
+    assert ResumePlan(by_steps, 60, [], [], 60).finished_message() == (
+        "Run already finished at step 60 (training.length.max_steps=60); nothing to do. "
+        "Raise training.length.max_steps to train on."
+    )
+    by_epochs = ExperimentConfiguration.from_dict({}, ["training.num_epochs=2", "training.length.max_steps=60"])
+    plan = ResumePlan(by_epochs, 14, [], [], by_epochs.training.total_steps(7))
+    assert plan.finished and "(training.num_epochs=2); nothing to do. Raise training.num_epochs to train on." in (
+        plan.finished_message()
+    )
+    assert not ResumePlan(by_epochs, 13, [], [], 14).finished and not ResumePlan(by_epochs, None, [], [], 14).finished

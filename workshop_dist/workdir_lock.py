@@ -222,7 +222,7 @@ class WorkdirLock:
             f"{self.path.parent} is in use by {holder.describe()}. Two jobs on one workdir would interleave "
             f"their checkpoints and logs: wait for that job to end or stop it, or use another --workdir. "
             f"If it is gone, its lock ({self.path}) is taken over once it has not been refreshed for "
-            f"checkpoint.lock_timeout={self.timeout:.0f} s."
+            f"training.checkpoint.lock_timeout={self.timeout:.0f} s."
         )
 
     def _refresh_loop(self) -> None:
@@ -253,7 +253,7 @@ class WorkdirLock:
         if self.lost_to is not None:
             raise WorkdirLockLost(
                 f"{self.path.parent} was taken over by {self.lost_to.describe()} while this job held it (this "
-                f"job did not refresh its lock for checkpoint.lock_timeout={self.timeout:.0f} s): stopping "
+                f"job did not refresh its lock for training.checkpoint.lock_timeout={self.timeout:.0f} s): stopping "
                 "without writing anything more there."
             )
 
