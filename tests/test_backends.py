@@ -82,6 +82,11 @@ def test_cpu_runs_print_nothing_from_libtpu(tmp_path):
     assert out.read_bytes().startswith(b"\x89PNG")  # the backends started and computed the schedule
     for line in (*LIBTPU_NOISE, "TPU", "libtpu"):
         assert line not in run.stdout + run.stderr
+    # A script using the library (a benchmark, a notebook) is as quiet, from `import workshop_dist` on.
+    script = run_without_platforms(sys.executable, "-c", "import workshop_dist, jax; print(jax.devices())")
+    assert script.returncode == 0 and "CpuDevice" in script.stdout, script.stderr[-3000:]
+    for line in (*LIBTPU_NOISE, "TPU", "libtpu"):
+        assert line not in script.stdout + script.stderr
 
 
 @needs_libtpu
