@@ -119,10 +119,11 @@ class TieredCheckpointManager:
         replica_parallel: bool = False,
         on_error: Literal["stop", "continue"] = "stop",
         save_retries: int = 3,
+        best_mode: Literal["min", "max"] = "min",
     ):
         self.persistent = CheckpointManager(
             directory, max_to_keep=max_to_keep, async_save=async_save, replica_parallel=replica_parallel,
-            on_error=on_error, save_retries=save_retries,
+            on_error=on_error, save_retries=save_retries, best_mode=best_mode,
         )  # fmt: skip
         self.directory = self.persistent.directory
         self.local_config = local
@@ -151,6 +152,7 @@ class TieredCheckpointManager:
         return cls(
             directory, config.local, max_to_keep=config.max_to_keep, async_save=config.async_save,
             replica_parallel=config.replica_parallel, on_error=config.on_error, save_retries=config.save_retries,
+            best_mode=config.best_mode,
         )  # fmt: skip
 
     # ----------------------------------------------------------------------- steps

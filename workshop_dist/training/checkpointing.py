@@ -20,6 +20,7 @@ import numpy as np
 from workshop_dist import checkpoint as ckpt
 from workshop_dist import parallel, storage
 from workshop_dist.config import WorkshopError
+from workshop_dist.tiered_checkpoint import TieredCheckpointManager
 from workshop_dist.training.state import TrainingState
 
 
@@ -54,9 +55,21 @@ class Checkpoints:
         if self._manager is None:
             if self.directory is None:
                 raise WorkshopError("This trainer has no workdir/checkpoint_dir: pass a path to save_checkpoint().")
-            # on_error and save_retries come with the section: a failed save is one message (SaveGuard)
-            self._manager = ckpt.CheckpointManager.from_config(self.directory, self.options)
+            # on_error and save_retries come with the section: a failed save is one message (SaveGuard);
+            # checkpoint.local adds the local tier (frequent saves on each host's disk)
+            manager = TieredCheckpointManager if self.options.local is not None else ckpt.CheckpointManager
+            self._manager = manager.from_config(self.directory, self.options)
         return self._manager
+
+    @property
+    def local_every(self) -> int | None:
+        """Steps between local-tier saves (None: no local tier)."""
+        return self.options.local.every if self.options.local is not None else None
+
+    @property
+    def restored_tier(self) -> str | None:
+        """The tier the last restore read (``local`` or ``persistent``; None without tiers)."""
+        return getattr(self._manager, "restored_tier", None)
 
     def close(self) -> None:
         if self._manager is not None:
@@ -72,6 +85,7 @@ def save(
     best_loss: float,
     train_seconds: float,
     best_value: float | None = None,
+    persistent: bool = True,
 ) -> storage.AnyPath:
     """Save ``state`` at ``step``: an async save into the run's checkpoints (``best_value``: a new best value of
     the best metric, for best-keeping), or, given a path, that directory now (a ``.pkl`` name is just a name)."""
@@ -89,8 +103,10 @@ def save(
     if not isinstance(target, Checkpoints):
         return ckpt.save_checkpoint_dir(target, state, metadata=metadata, config=contents.config, data_iterator=contents.data_iterator())
     metrics = {ckpt.BEST_METRIC: best_value} if best_value is not None else None
+    tier = {} if persistent else {"persistent": False}  # False: the local tier only (a TieredCheckpointManager)
     target.manager.save(
-        step, state, metadata=metadata, config=contents.config, data_iterator=contents.data_iterator(), metrics=metrics
+        step, state, metadata=metadata, config=contents.config, data_iterator=contents.data_iterator(), metrics=metrics,
+        **tier,
     )
     return target.directory / str(step)
 

@@ -137,7 +137,7 @@ class Trainer:
         profile = cadence.profile_steps
         self._profile = ProfileHook(self.workdir / "profile", *profile) if profile and self.workdir else None
         self.runlog = RunLog(self.workdir, enabled=is_primary()) if self.workdir else None
-        self._runlog = RunLogHook(self.runlog, self._evaluate) if self.runlog else None
+        self._runlog = RunLogHook(self.runlog, self._evaluate, lambda: self._checkpoints.restored_tier) if self.runlog else None
         self._user_hooks: list[Any] = []
         self._loop = {"read_every": cadence.log_every, "steps_per_call": performance.steps_per_call,
                       "max_in_flight": performance.max_steps_in_flight}
@@ -380,7 +380,7 @@ class Trainer:
         self._best.reset(float(jax.device_get(restored.state.best_loss)))
         self.clock.train_seconds = float(restored.metadata.get("train_seconds", 0.0))
         self._epochs_done = int(restored.metadata.get("epoch", 0))
-        self._evaluate.last_step = self._checkpoint.last_step = None
+        self._evaluate.last_step = self._checkpoint.last_step = self._checkpoint.last_local_step = None
         if self._fid is not None:
             self._fid.last_step = None
         if self.train_input is not None and not restored.data_restored:

@@ -7,6 +7,7 @@ time it ended. Start and end events are the Trainer's (:meth:`RunLog.started`, :
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from workshop_dist.runlog import KINDS, RunLog
@@ -17,8 +18,9 @@ class RunLogHook:
 
     kind = "log"
 
-    def __init__(self, runlog: RunLog, evaluation: Any = None):
-        self.runlog, self.evaluation = runlog, evaluation
+    def __init__(self, runlog: RunLog, evaluation: Any = None, restored_tier: Callable[[], str | None] | None = None):
+        """``restored_tier``: the checkpoint tier the last restore read (tiered checkpoints), for ``--report``."""
+        self.runlog, self.evaluation, self.restored_tier = runlog, evaluation, restored_tier
         self._written = 0  # spans of the clock already written
 
     def next_step(self, step: int) -> None:
@@ -39,4 +41,5 @@ class RunLogHook:
         for span in spans:
             if span.kind in KINDS:
                 loss = self.evaluation.loss_at(span.step) if span.kind == "eval" and self.evaluation else None
-                self.runlog.timed(span.kind, span.seconds, span.step, val_loss=loss, at=span.ended)
+                tier = self.restored_tier() if span.kind == "restore" and self.restored_tier else None
+                self.runlog.timed(span.kind, span.seconds, span.step, val_loss=loss, at=span.ended, tier=tier)
