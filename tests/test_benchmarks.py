@@ -36,3 +36,17 @@ def test_sampling_benchmark_smoke_prints_both_samplers_and_their_ratio():
     assert "heun 2 steps (4 NFE, guided)" in out
     ratio = float(re.search(r"Trainer / bare \(images/s\) = ([\d.]+)", out).group(1))
     assert 0.2 < ratio < 5, out  # a smoke check: both drew the same samples' worth of work
+
+
+def test_faults_benchmark_smoke_three_trials_all_bit_identical(tmp_path):
+    out = run_benchmark("faults.py", "--trials", "3", "--storage", "local", "--options", "plain", "--root", str(tmp_path))
+    trials = re.findall(r"^trial +\d+: (TERM|INT|KILL) .* -> resumed in +[\d.]+ s, (bit-identical|DIFFERENT)$", out, re.M)
+    assert len(trials) == 3, out
+    assert "3 of 3 trials bit-identical" in out, out
+
+
+def test_fid_benchmark_smoke_prints_both_paths_and_their_ratio():
+    out = run_benchmark("fid.py", "--devices", "8", "--batch", "8", "--batches", "1", "--repeats", "1")
+    assert re.search(r"hook +[\d.]+ images/s +bare +[\d.]+ images/s +ratio [\d.]+", out), out
+    ratio = float(re.search(r"hook / bare ([\d.]+)", out).group(1))
+    assert 0.2 < ratio < 5, out

