@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if family not in FAMILIES or not path:
             parser.error(f"--config wants FAMILY=PATH with FAMILY in {', '.join(FAMILIES)}, got '{item}'")
         configs[family] = path
-    overrides = list(args.overrides)
+    overrides = ["eval.fid_every=null", *args.overrides]  # the FD is measured here, after training, once
     num_samples = args.samples
     if args.quick:
         overrides += [

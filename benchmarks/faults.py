@@ -117,6 +117,7 @@ def main() -> None:
     args = parse_args()
     storages, options = args.storage.split(","), args.options.split(",")
     root = Path(args.root or tempfile.mkdtemp(prefix="workshop_faults_"))
+    root.mkdir(parents=True, exist_ok=True)
     env: dict[str, str] = {}
     emulator = None
     if "gs" in storages:

@@ -73,6 +73,7 @@ def main() -> None:
     from tests.gcs_emulator import BUCKET, Emulator
 
     root = Path(args.root or tempfile.mkdtemp(prefix="workshop_goodput_"))
+    root.mkdir(parents=True, exist_ok=True)
     emulator = Emulator(root / "fake-gcs-server.log")
     os.environ.update(emulator.env)
     from workshop_dist.report import compute_report
