@@ -222,7 +222,10 @@ def test_class_folders_must_match_the_training_split(tmp_path):
 
 def test_image_fields_are_rejected_for_other_sources():
     with pytest.raises(ConfigError, match=r"data\.image_size only apply to 'images:PATH' sources"):
-        make_train_input(DataConfiguration(image_size=8), global_batch_size=8, seed=0, **SINGLE)
+        make_train_input(DataConfiguration(source="array_record:/nowhere/{split}", image_size=8), global_batch_size=8,
+                         seed=0, **SINGLE)
+    with pytest.raises(ConfigError, match=r"data\.channels only apply to 'images:PATH' sources"):  # digits: image_size only
+        make_train_input(DataConfiguration(image_size=8, channels=3), global_batch_size=8, seed=0, **SINGLE)
     with pytest.raises(ValueError, match=r"needs a name after .images:."):
         DataConfiguration(source="images:")
 

@@ -159,7 +159,8 @@ def torch_to_nnx(
     ``rename`` first maps each PyTorch name to the module path it belongs to (``None`` drops
     it; default: unchanged, for ports that keep PyTorch's attribute names). Then, per tensor:
     ``weight`` becomes the model's ``kernel`` (transposed from PyTorch's (out, in, spatial...)
-    to (spatial..., in, out)), or ``scale`` (norms) or ``embedding``, whichever the model has;
+    to (spatial..., in, out); a 1x1 convolution's weight into a linear kernel is squeezed first),
+    or ``scale`` (norms) or ``embedding``, whichever the model has;
     ``running_mean``/``running_var`` become ``mean``/``var``; ``num_batches_tracked`` and the
     names in ``ignore`` are dropped. Fails with one :class:`WeightsError` listing every
     unmatched, missing and mis-shaped tensor (the PyTorch name beside the NNX one).
@@ -179,6 +180,8 @@ def torch_to_nnx(
         if leaf == "weight":
             candidates = [_sibling(prefix, s) for s in ("kernel", "scale", "embedding")]
             name = next((c for c in candidates if c in expected), name)
+            if name == candidates[0] and value.ndim == 4 and value.shape[2:] == (1, 1) and len(expected[name]) == 2:
+                value = value[:, :, 0, 0]  # a 1x1 convolution's weight into a linear layer (older attention blocks)
             if name == candidates[0] and value.ndim in KERNEL_AXES:
                 value = np.transpose(value, KERNEL_AXES[value.ndim])
         elif leaf in SUFFIXES:

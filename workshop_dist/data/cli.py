@@ -4,6 +4,7 @@
     workshop-data inspect PATH [--grid OUT.png]
     workshop-data stats PATH --out REF.npz --weights INCEPTION.safetensors
     workshop-data convert-weights inception PTH OUT.safetensors
+    workshop-data convert-weights sd-vae VAE.safetensors OUT.safetensors
 
 ``SRC``/``PATH``: an image folder (one folder per split), ``.npz``/``.npy`` arrays,
 ``tfds:NAME[:CONFIG]`` prepared in ``--data-dir``, or ArrayRecord files
@@ -62,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--weights", required=True, metavar="INCEPTION.safetensors", help="From `workshop-data convert-weights`.")
     _source_arguments(stats, splits=False)
 
-    weights = add("convert-weights", help="Published weights (e.g. pytorch-fid's Inception .pth) to safetensors.")
-    weights.add_argument("network", choices=["inception"])
-    weights.add_argument("source", metavar="PTH")
+    weights = add("convert-weights", help="Published weights (pytorch-fid's Inception .pth, a diffusers AutoencoderKL "
+                  "state dict) to safetensors.")
+    weights.add_argument("network", choices=["inception", "sd-vae"])
+    weights.add_argument("source", metavar="SOURCE", help="inception: pt_inception-*.pth; sd-vae: the VAE's safetensors "
+                         "(diffusers' names; its config.json beside it is read for the GroupNorm groups)")
     weights.add_argument("out", metavar="OUT.safetensors")
     return parser
 
@@ -167,7 +170,12 @@ def run_convert_weights(args: argparse.Namespace) -> int:
 
     if not Path(args.source).is_file():
         raise ConfigError(f"Weights file {args.source} does not exist.")
-    hook("convert-weights")(args.network, Path(args.source), Path(args.out))
+    if args.network == "sd-vae":  # Stable Diffusion's VAE: the autoencoder family's own converter
+        from workshop_dist.models.autoencoder_weights import convert_sd_vae
+
+        convert_sd_vae(Path(args.source), Path(args.out))
+    else:
+        hook("convert-weights")(args.network, Path(args.source), Path(args.out))
     print(f"{args.network} weights written to {args.out}")
     return 0
 

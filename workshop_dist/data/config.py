@@ -60,7 +60,8 @@ class DataConfiguration(StrictConfig):
         None,
         ge=1,
         description="images: side of the square images fed to the model (shorter side resized to it, then "
-        "cropped). Default: the images' own size, which must then be the same for all of them.",
+        "cropped). Default: the images' own size, which must then be the same for all of them. digits: the 8x8 "
+        "images resized to image_size x image_size (bilinear, levels rounded), e.g. 32 for an autoencoder.",
     )
     channels: Literal[1, 3] | None = pydantic.Field(
         None,

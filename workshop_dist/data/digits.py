@@ -17,9 +17,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from workshop_dist.data.sklearn_digits import MAX_LEVEL, SPLITS, TFDS_NAME, TFDS_VERSION, load_digits_split
+from workshop_dist.data.sklearn_digits import (
+    MAX_LEVEL,
+    SIZE,
+    SPLITS,
+    TFDS_NAME,
+    TFDS_VERSION,
+    load_digits_split,
+)
 
-__all__ = ["MAX_LEVEL", "SPLITS", "TFDS_NAME", "TFDS_VERSION", "is_prepared", "load_digits_split", "prepare_digits"]
+__all__ = ["MAX_LEVEL", "SIZE", "SPLITS", "TFDS_NAME", "TFDS_VERSION", "is_prepared", "load_digits_split", "prepare_digits"]
 
 
 def is_prepared(data_dir: str | Path) -> bool:

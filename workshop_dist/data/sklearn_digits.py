@@ -12,6 +12,7 @@ SPLITS: dict[str, slice] = {
     "test": slice(1350, 1797),
 }
 MAX_LEVEL = 16  # digits pixels are integers 0..16
+SIZE = 8  # images are SIZE x SIZE (data.image_size resizes them)
 TFDS_NAME = "workshop_digits"
 TFDS_VERSION = "1.0.0"
 

@@ -2,7 +2,7 @@
 
 * ``digits``: the built-in data set, prepared on first use as the TFDS dataset
   ``workshop_digits`` in the data dir (:mod:`workshop_dist.data.digits`), then read like any
-  TFDS dataset.
+  TFDS dataset; ``data.image_size`` resizes its 8x8 images (:class:`transforms.ResizeImage`).
 * ``tfds:NAME[:CONFIG]``: a TFDS dataset prepared beforehand with
   ``tfds build NAME --file_format=array_record --data_dir=DIR``; read with
   ``tfds.data_source``. Nothing is downloaded unless ``data.download=true``.
@@ -33,7 +33,7 @@ from workshop_dist._deps import require_tfds
 from workshop_dist.config import ConfigError
 from workshop_dist.data import digits
 from workshop_dist.data.config import DataConfiguration
-from workshop_dist.data.transforms import DecodeRecord
+from workshop_dist.data.transforms import DecodeRecord, ResizeImage
 
 DATA_DIR_ENV = "WORKSHOP_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/workshop_dist/data"
@@ -118,7 +118,8 @@ def open_source(config: DataConfiguration, split: str, *, augment: bool = False)
             )
         data_dir = digits.prepare_digits(resolve_data_dir(config, digits.TFDS_NAME))
         data = tfds_data_source(digits.TFDS_NAME, split, data_dir, download=False)
-        return Source(data, name=f"digits[{split}]", max_level=config.max_level or digits.MAX_LEVEL)
+        resize = ResizeImage(config.image_size) if config.image_size not in (None, digits.SIZE) else None
+        return Source(data, name=f"digits[{split}]", decode=resize, max_level=config.max_level or digits.MAX_LEVEL)
     if kind == "tfds":
         name = tfds_name(rest)
         data = tfds_data_source(name, split, resolve_data_dir(config, name), download=config.download)
@@ -162,15 +163,17 @@ def image_source(config: DataConfiguration, pattern: str, split: str, *, augment
 
 
 def _check_image_fields(config: DataConfiguration) -> None:
-    """image_size / channels / resize / random_crop configure only image folders: say so rather than ignore them."""
+    """image_size / channels / resize / random_crop configure only image folders (image_size also the
+    built-in digits, upsampled): say so rather than ignore them."""
     defaults = DataConfiguration.model_fields
-    changed = [
-        name for name in ("image_size", "channels", "resize", "random_crop") if getattr(config, name) != defaults[name].default
-    ]
+    fields = ("channels", "resize", "random_crop") if config.source == "digits" else (
+        "image_size", "channels", "resize", "random_crop")
+    changed = [name for name in fields if getattr(config, name) != defaults[name].default]
     if changed:
         raise ConfigError(
-            f"data.{', data.'.join(changed)} only apply to 'images:PATH' sources, not '{config.source}'. Resize other "
-            "data once with `workshop-data convert SRC DEST --image-size N`, then train on array_record:DEST/..."
+            f"data.{', data.'.join(changed)} only apply to 'images:PATH' sources, not '{config.source}' (data.image_size "
+            "also to 'digits'). Resize other data once with `workshop-data convert SRC DEST --image-size N`, then train "
+            "on array_record:DEST/..."
         )
 
 

@@ -68,6 +68,33 @@ class Standardize(grain.transforms.Map):
     __call__ = map
 
 
+@dataclasses.dataclass(frozen=True)
+class ResizeImage(grain.transforms.Map):
+    """``image`` (integer ``(H, W, C)``) resized to ``size`` x ``size``, bilinear, per channel (Pillow).
+
+    For ``data.image_size`` on the built-in digits: convolutional first stages (the autoencoder's factor
+    4 or 8) need larger images than 8x8. Pixels stay integer levels (rounded), so ``data.normalize`` and
+    the level count (17) mean what they did; other features pass through.
+    """
+
+    size: int
+    image_key: str = "image"
+
+    def map(self, element: Mapping[str, Any]) -> Example:
+        from PIL import Image
+
+        image = np.asarray(element[self.image_key])
+        if image.ndim == 2:
+            image = image[..., None]
+        planes = [
+            np.asarray(Image.fromarray(image[..., c].astype(np.uint8)).resize((self.size, self.size), Image.Resampling.BILINEAR))
+            for c in range(image.shape[-1])
+        ]
+        return {**element, self.image_key: np.stack(planes, axis=-1).astype(image.dtype)}
+
+    __call__ = map
+
+
 class BadExampleError(WorkshopError):
     """An example that cannot be read (an unreadable or corrupt file); the message names it.
 

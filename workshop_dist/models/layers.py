@@ -82,11 +82,14 @@ def conv(
     strides: int = 1,
     transpose: bool = False,
     zero: bool = False,
-    padding: str = "SAME",
+    padding: str | Sequence[tuple[int, int]] = "SAME",
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
 ) -> nnx.Conv | nnx.ConvTranspose:
-    """Square ``kernel`` x ``kernel`` convolution (or transposed convolution) with (spatial, spatial, in, out) axes."""
+    """Square ``kernel`` x ``kernel`` convolution (or transposed convolution) with (spatial, spatial, in, out) axes.
+
+    ``padding``: ``"SAME"``, ``"VALID"`` or explicit ``((top, bottom), (left, right))`` (PyTorch-style asymmetric pads).
+    """
     layer = nnx.ConvTranspose if transpose else nnx.Conv
     return layer(
         in_features,
@@ -121,12 +124,30 @@ def embed(
     )
 
 
-def group_norm(features: int, *, rngs: nnx.Rngs, dtype: Any = None, param_dtype: Any = jnp.float32) -> nnx.GroupNorm:
-    """GroupNorm with the largest of 8/4/2/1 groups that divides ``features``."""
-    groups = next(g for g in (8, 4, 2, 1) if features % g == 0)
+def group_norm(
+    features: int,
+    *,
+    rngs: nnx.Rngs,
+    groups: int | None = None,
+    epsilon: float = 1e-6,
+    fast_variance: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> nnx.GroupNorm:
+    """GroupNorm with ``groups`` groups (default: the largest of 8/4/2/1 that divides ``features``).
+
+    ``fast_variance=False`` computes the variance as ``E[(x - mean)^2]`` (PyTorch's way), not
+    ``E[x^2] - mean^2``: ports of PyTorch networks use it to match their originals closely.
+    """
+    if groups is None:
+        groups = next(g for g in (8, 4, 2, 1) if features % g == 0)
+    elif features % groups:
+        raise ConfigError(f"GroupNorm: {features} channels are not divisible by {groups} groups")
     return nnx.GroupNorm(
         features,
         num_groups=groups,
+        epsilon=epsilon,
+        use_fast_variance=fast_variance,
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=named(nnx.initializers.ones_init(), ("norm",)),
