@@ -6,6 +6,8 @@ precision). Skips without torch and diffusers (the lowest CI leg installs them).
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # imports PyTorch and diffusers (~10 s) and compiles the autoencoder; CI's lowest leg runs it
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
