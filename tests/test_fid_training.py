@@ -51,6 +51,8 @@ def test_training_from_image_files_logs_val_fid_and_keeps_the_best(stored, tmp_p
     args = ["--config", str(REPO / "configs" / "flow_dit_images.yaml"), "--workdir", str(workdir), "--quiet",
             *TINY, f"data.source={source}", f"eval.inception_weights={inception_weights}", *image_options]
     assert cli.main(args) == 0
+    if stored == "folder":  # label i is the i-th class folder
+        assert json.loads((workdir / "labels.json").read_text())["classes"] == ["cat", "dog", "eel"]
     rows = [json.loads(line) for line in (workdir / "logs" / "metrics.jsonl").read_text().splitlines()]
     scores = {row["step"]: row["val/fid"] for row in rows if "val/fid" in row}
     assert sorted(scores) == [2, 4] and all(np.isfinite(v) and v > 0 for v in scores.values())

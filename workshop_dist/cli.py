@@ -193,6 +193,10 @@ def _train(args, config, workdir, train_input, logger, mesh, quiet: bool) -> int
             if not storage.is_remote(workdir):  # a bucket has no directories to make
                 workdir.mkdir(parents=True, exist_ok=True)
             config.save(workdir / "config.yaml")
+            if config.data.source.startswith("images:"):  # label i = the i-th class folder's name
+                from workshop_dist.data.images import write_label_map
+
+                write_label_map(config.data, workdir)
         trainer.fit()
         final = trainer.write_samples()
     finally:
