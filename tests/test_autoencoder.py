@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import training_config
 from workshop_dist import data
 from workshop_dist.config import ConfigError
 from workshop_dist.data.config import DataConfiguration
@@ -17,6 +18,7 @@ from workshop_dist.data.transforms import ResizeImage
 from workshop_dist.experiment import ExperimentConfiguration
 from workshop_dist.models import ExampleKeys, ModelConfiguration, create_model
 from workshop_dist.models.autoencoder import Autoencoder
+from workshop_dist.models.autoencoder_gan import AdversarialAutoencoder
 from workshop_dist.models.autoencoder_weights import abstract_autoencoder, convert_sd_vae, load_autoencoder
 from workshop_dist.training import Trainer
 from workshop_dist.weights import WeightsError, load_tensors, model_shapes, write_safetensors
@@ -204,4 +206,39 @@ def test_trainer_lowers_the_loss_on_8_devices(tmp_path):
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     samples = trainer.generate_samples(2, seed=0)
     assert samples.shape == (2, 16, 16, 1)
+    trainer.close()
+
+
+def test_the_discriminator_flag_selects_two_parameter_groups():
+    model = nnx.eval_shape(lambda: create_model(config(discriminator=True, disc_width=8)))
+    assert isinstance(model, AdversarialAutoencoder) and model.param_groups.keys() == {"autoencoder", "discriminator"}
+    assert model.latent_shape == (8, 8, 4) and isinstance(model.autoencoder, Autoencoder)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32)
+    keys = {group: set(nnx.eval_shape(
+        lambda m, x, group=group: m.example_losses({"image": x}, jax.random.key(0), step=jnp.int32(0), group=group), model, x))
+        for group in (None, "autoencoder", "discriminator")}
+    assert keys["discriminator"] == {"loss", "real_logit", "fake_logit"}
+    assert keys["autoencoder"] == {"loss", "reconstruction", "kl", "mse", "g_loss"}
+    assert keys[None] == keys["autoencoder"] | {"d_loss"}
+    with pytest.raises(ConfigError, match="disc_width"):
+        create_model(config(disc_width=8))  # the discriminator's parameters need discriminator: true
+
+
+@pytest.mark.slow  # compiles both groups' updates on 8 devices
+def test_adversarial_training_moves_both_groups(tmp_path):
+    adam = {"optimizer_type": "adam", "learning_rate": 1e-3, "beta1": 0.5}
+    training = training_config(batch_size=16, max_steps=3, log_every=1, num_samples=0,
+                               optimizers={"autoencoder": adam, "discriminator": adam})
+    model_config = config((16, 16, 1), block_out_channels=[8, 16], discriminator=True, disc_width=8, disc_start=1)
+    train = data.make_train_input(DataConfiguration(image_size=16, cache=True), global_batch_size=16, seed=0)
+    trainer = Trainer(model_config, training, train, None, tmp_path)
+    before = jax.device_get(trainer.state.params)
+    trainer.fit()
+    after = jax.device_get(trainer.state.params)
+    for group in ("autoencoder", "discriminator"):
+        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[group]), jax.tree.leaves(after[group]),
+                                                            strict=True)), group
+    rows = trainer.train_metrics
+    assert len(rows) == 3 and {"autoencoder/loss", "discriminator/loss", "autoencoder/g_loss"} <= set(rows[-1])
+    assert rows[0]["discriminator/loss"] == 0.0 and rows[-1]["discriminator/loss"] > 0  # off before disc_start
     trainer.close()

@@ -23,6 +23,8 @@ latent (LDM's ``LPIPSWithDiscriminator`` without its perceptual and adversarial 
 is what latent diffusion multiplies the latents by. :meth:`Autoencoder.sample` decodes draws
 from the prior N(0, I): with a small ``kl_weight`` the latents are far from that prior, so an
 autoencoder's samples are poor images; it is a first stage, not a generator on its own.
+``parameters.discriminator: true`` adds LDM's adversarial patch discriminator
+(:mod:`workshop_dist.models.autoencoder_gan`, two parameter groups).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class AutoencoderParameters(StrictConfig):
     kl_weight: float = pydantic.Field(1e-6, ge=0, description="Weight of the KL term (SD: 1e-6).")
     scaling_factor: float = pydantic.Field(
         0.18215, gt=0, description="Latent diffusion trains on latents * scaling_factor (SD 1.x/2.x: 0.18215)."
+    )
+    discriminator: bool = pydantic.Field(
+        False, description="true: train with a patch discriminator (workshop_dist.models.autoencoder_gan; its "
+        "disc_* parameters, two training.optimizers: autoencoder and discriminator)."
     )
 
 
@@ -205,8 +211,19 @@ class Autoencoder(GenerativeModel):
     Parameters = AutoencoderParameters
     per_example_keys = True
 
+    @classmethod
+    def select_class(cls, config: ModelConfiguration) -> type:
+        """This class, or with ``parameters.discriminator: true`` the adversarial one."""
+        if config.parameters.get("discriminator"):
+            from workshop_dist.models.autoencoder_gan import AdversarialAutoencoder
+
+            return AdversarialAutoencoder
+        return cls
+
     def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):
         p: AutoencoderParameters = validate_parameters(type(self), config)
+        if p.discriminator:
+            raise ConfigError("Autoencoder has no discriminator: build it with create_model (AdversarialAutoencoder)")
         self.params_config = p
         self.image_shape = tuple(config.input_dim)
         if len(self.image_shape) != 3:
@@ -269,28 +286,38 @@ class Autoencoder(GenerativeModel):
         """Unscaled latents ``[B, *latent_shape]`` -> data-space images (not clipped)."""
         return self.to_data(self.decode_network(latents))
 
-    def example_losses(
-        self, batch: dict[str, jax.Array], rng: jax.Array | ExampleKeys, *, step: jax.Array | None = None,
-        group: str | None = None,
-    ) -> dict[str, jax.Array]:
-        """Reconstruction (summed over pixels, in [-1, 1]) + kl_weight * KL, one latent draw per example's key."""
+    def reconstruct(
+        self, batch: dict[str, jax.Array], rng: jax.Array | ExampleKeys
+    ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+        """``(per-example losses, target, reconstruction)``, both images in [-1, 1]: one latent draw per example's key.
+
+        ``loss`` = reconstruction (summed over pixels) + kl_weight * KL; ``mse`` per pixel in units of the data range.
+        """
         images = batch["image"]
         layers.check_images(images, self.image_shape)
         target = self.to_network(images)
         mean, logvar = self.moments(target)
         eps = ExampleKeys.of(rng, images.shape[0]).normal(self.latent_shape, mean.dtype)
-        z = mean + jnp.exp(0.5 * logvar) * eps
-        error = self.decode_network(z).astype(jnp.float32) - target
+        reconstruction = self.decode_network(mean + jnp.exp(0.5 * logvar) * eps).astype(jnp.float32)
+        error = reconstruction - target
         axes = tuple(range(1, error.ndim))
-        reconstruction = (jnp.abs(error) if self.params_config.reconstruction == "l1" else error**2).sum(axes)
+        summed = (jnp.abs(error) if self.params_config.reconstruction == "l1" else error**2).sum(axes)
         mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
         kl = 0.5 * (mean**2 + jnp.exp(logvar) - 1.0 - logvar).sum(axes)
-        return {
-            "loss": reconstruction + self.params_config.kl_weight * kl,
-            "reconstruction": reconstruction,
+        losses = {
+            "loss": summed + self.params_config.kl_weight * kl,
+            "reconstruction": summed,
             "kl": kl,
-            "mse": ((0.5 * error) ** 2).mean(axes),  # per pixel, in units of the data range
+            "mse": ((0.5 * error) ** 2).mean(axes),
         }
+        return losses, target, reconstruction
+
+    def example_losses(
+        self, batch: dict[str, jax.Array], rng: jax.Array | ExampleKeys, *, step: jax.Array | None = None,
+        group: str | None = None,
+    ) -> dict[str, jax.Array]:
+        """Reconstruction (summed over pixels, in [-1, 1]) + kl_weight * KL, and their parts."""
+        return self.reconstruct(batch, rng)[0]
 
     def sample(self, rng: jax.Array, num_samples: int, *, labels: jax.Array | None = None, **options: Any) -> jax.Array:
         """Decodes of prior draws z ~ N(0, I), clipped to the data range (levels rounded)."""
