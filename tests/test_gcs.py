@@ -239,3 +239,107 @@ def test_preflight_refuses_missing_and_unreachable_buckets_with_one_message(gcs,
         assert "[Errno 111] Connection refused" in str(err.value)
     finally:
         os.environ["STORAGE_EMULATOR_HOST"] = gcs.url
+
+
+def gs_checkpoint_names(checkpoints: epath.Path) -> list[str]:
+    try:
+        return [p.name for p in checkpoints.iterdir()]
+    except (FileNotFoundError, OSError):
+        return []
+
+
+def saving(checkpoints: epath.Path) -> list[str]:
+    """Saves in progress: Orbax writes a bucket's step in place and marks it complete with
+    ``commit_success.txt`` (no renames on Cloud Storage), elsewhere under a temporary name."""
+    names = gs_checkpoint_names(checkpoints)
+    return [name for name in names if ".orbax-checkpoint-tmp" in name
+            or (name.isdigit() and not (checkpoints / name / "commit_success.txt").exists())]
+
+
+def assert_same_final_state(a: epath.Path | Path, b: epath.Path | Path) -> None:
+    got, expected = final_state(a), final_state(b)
+    assert got.keys() == expected.keys()
+    for name in got:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_sigkill_during_an_async_save_on_gs_resumes_bit_identically(gcs, tmp_path):
+    reference = tmp_path / "local"
+    run = Run(reference, {})
+    assert run.finish() == 0, run.output[-3000:]
+    workdir, checkpoints = f"gs://{BUCKET}/killed", bucket("killed/checkpoints")
+    run = Run(workdir, gcs.env)
+    run.wait_for("train step 3:")
+    deadline = time.monotonic() + 120
+    while not saving(checkpoints):
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.output[-3000:]
+        time.sleep(0.005)
+    run.proc.kill()  # a save's objects are half written in the bucket
+    run.finish()
+    assert saving(checkpoints), "the kill should have left an incomplete save behind"
+    run = Run(workdir, gcs.env)
+    assert run.finish() == 0, run.output[-3000:]
+    assert steps(checkpoints)[-1] == FINAL
+    assert not saving(checkpoints)
+    assert_same_final_state(checkpoints / str(FINAL), reference / "checkpoints" / str(FINAL))
+
+
+def Launch(workdir: str | Path, env: dict[str, str]) -> StreamedProcess:
+    """``workshop-launch local``: 2 processes x 4 devices on ``workdir``."""
+    env = {k: v for k, v in {**os.environ, **env}.items() if not k.startswith(("JAX_", "XLA_"))}
+    command = [sys.executable, "-m", "workshop_dist.launcher", "local", "--processes", "2", "--devices-per-process", "4",
+               "--grace-seconds", "20", "--", "--workdir", str(workdir), *RUN]
+    return StreamedProcess(command, env=env, cwd=REPO)
+
+
+def test_two_processes_on_a_gs_workdir_resume_bit_identically(gcs, tmp_path):
+    reference = tmp_path / "local_2x4"
+    run = Launch(reference, {})
+    assert run.finish() == 0, run.output[-3000:]
+    workdir, checkpoints = f"gs://{BUCKET}/two", bucket("two/checkpoints")
+    run = Launch(workdir, gcs.env)
+    run.wait_for("train step 6:")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == EXIT_PREEMPTED, run.output[-3000:]
+    stopped = steps(checkpoints)[-1]
+    positions = {p.name for p in (checkpoints / str(stopped) / "data").iterdir() if p.name.startswith("process_")}
+    assert positions == {"process_0-of-2.json", "process_1-of-2.json"}  # each process wrote its own
+    run = Launch(workdir, gcs.env)
+    assert run.finish() == 0, run.output[-3000:]
+    final = checkpoints / str(FINAL)
+    got, expected = checkpoint_arrays(final), checkpoint_arrays(reference / "checkpoints" / str(FINAL))
+    assert got.keys() == expected.keys()
+    for name in got:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_the_bucket_unreachable_mid_run_loses_nothing(tmp_path):
+    """The storage server stops for a while during the run, then comes back: the run either rides it out
+    (retried uploads and saves) or stops with one message; run again, it ends bit-identical."""
+    reference = tmp_path / "local"
+    run = Run(reference, {})
+    assert run.finish() == 0, run.output[-3000:]
+    emulator = Emulator(tmp_path / "fake-gcs-server.log", root=tmp_path / "objects")  # objects survive a restart
+    try:
+        workdir, checkpoints = f"gs://{BUCKET}/outage", f"gs://{BUCKET}/outage/checkpoints"
+        run = Run(workdir, emulator.env)
+        run.wait_for("train step 5:")
+        emulator.restart(down_seconds=5)  # the save at step 8 meets an unreachable bucket, or its retries
+        code = run.finish()
+        assert code in (0, 1), run.output[-3000:]
+        if code == 1:  # the save failed after its retries: one message, no traceback
+            assert "Traceback" not in run.output and "workshop-train: error: Could not save" in run.output, run.output[-3000:]
+        run = Run(workdir, emulator.env)
+        assert run.finish() == 0, run.output[-3000:]
+        saved = {key: os.environ.get(key) for key in emulator.env}
+        os.environ.update(emulator.env)  # this process reads the bucket too
+        try:
+            assert_same_final_state(epath.Path(checkpoints) / str(FINAL), reference / "checkpoints" / str(FINAL))
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    finally:
+        emulator.stop()
