@@ -137,7 +137,7 @@ def test_the_config_loads_and_its_data_is_32x32():
     config = ExperimentConfiguration.load(REPO / "configs" / "autoencoder_digits32.yaml")
     model = nnx.eval_shape(lambda: create_model(config.model))
     assert isinstance(model, Autoencoder) and model.factor == 4 and model.latent_shape == (8, 8, 4)
-    assert model.scaling_factor == 0.18215 and config.data.image_size == 32
+    assert model.scaling_factor == 0.27 and config.data.image_size == 32
     batch = next(iter(data.make_train_input(config.data, global_batch_size=8, seed=0)))
     assert batch["image"].shape == (8, 32, 32, 1) and batch["image"].dtype == np.float32
     assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
