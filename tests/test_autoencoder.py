@@ -2,6 +2,7 @@
 its config, diffusers-named weights (built here without PyTorch), the digits at 32x32, and a few
 steps of training through the Trainer on 8 devices. Parity with diffusers itself: test_autoencoder_parity.py."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -174,6 +175,17 @@ def test_diffusers_names_convert_and_mismatches_are_one_error(tmp_path):
     np.testing.assert_array_equal(kernel, state["encoder.down_blocks.0.resnets.0.conv1.weight"].transpose(2, 3, 1, 0))
     q = np.asarray(model.decoder.mid_block.attentions[0].to_q.kernel[...])
     np.testing.assert_array_equal(q, state["decoder.mid_block.attentions.0.to_q.weight"].T)
+
+    # diffusers' config.json beside the file gives what the shapes cannot: the group count (and the scaling factor)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "norm_num_groups": 16,
+                                                       "scaling_factor": 0.13025, "act_fn": "silu"}))
+    convert_sd_vae(tmp_path / "vae.safetensors", tmp_path / "nnx16.safetensors")
+    grouped = load_autoencoder(tmp_path / "nnx16.safetensors", (16, 16, 3))
+    assert grouped.encoder.conv_norm_out.num_groups == 16 and grouped.scaling_factor == 0.13025
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny"}))
+    with pytest.raises(WeightsError, match="describes AutoencoderTiny, not AutoencoderKL"):
+        convert_sd_vae(tmp_path / "vae.safetensors", tmp_path / "never.safetensors")
+    (tmp_path / "config.json").unlink()
 
     broken = dict(state)
     del broken["decoder.up_blocks.1.resnets.1.conv2.bias"]

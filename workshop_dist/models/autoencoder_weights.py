@@ -146,7 +146,7 @@ def _diffusers_config(src: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise WeightsError(f"cannot read {path} (diffusers' config beside {src.name}): {err}") from err
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise WeightsError(f"{path} describes a {config['_class_name']}, not an AutoencoderKL")
+        raise WeightsError(f"{path} describes {config['_class_name']}, not AutoencoderKL (the converter's model)")
     if config.get("act_fn", "silu") != "silu":
         raise WeightsError(f"{path}: act_fn {config['act_fn']!r}; the autoencoder uses silu")
     return {key: config[key] for key in _CONFIG_KEYS if config.get(key) is not None}
