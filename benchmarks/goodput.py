@@ -4,8 +4,8 @@ killed at random intervals, with and without the local checkpoint tier.
 The job saves to the workdir every ``--save-every`` steps (rare: bucket saves are slow); with the
 local tier it also saves to this machine's disk every ``--local-every`` steps. Both variants are
 killed (SIGKILL: a preemption without grace) after the same random numbers of new training steps
-and started again until they finish. ``workshop-train --report``'s figures (read with
-:func:`workshop_dist.report.compute_report`) give the steps redone and the goodput; target: the
+and started again until they finish. It prints the steps run and redone (from the processes'
+output), the wall time, and the restarts the run report says used the local tier; target: the
 local tier cuts the steps redone at least 3x.
 
     python benchmarks/goodput.py [--steps 84] [--kills 6] [--save-every 21] [--local-every 3]
@@ -14,6 +14,7 @@ local tier cuts the steps redone at least 3x.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import sys
@@ -50,22 +51,38 @@ def trained_steps(run: StreamedProcess) -> list[int]:
     return [int(line.split(" train step ")[1].split(":")[0]) for line in list(run.lines) if " train step " in line]
 
 
-def run_job(workdir: str, extra: list[str], env: dict[str, str], kills: list[int]) -> int:
-    """Start, kill after ``kills[i]`` new training steps, start again...; returns the kills done."""
-    done = 0
+def resumed_from(run: StreamedProcess) -> int:
+    line = next((line for line in run.lines if "Resumed from " in line), None)
+    return int(line.rsplit("(step ", 1)[1].split(")")[0]) if line else 0
+
+
+def run_job(workdir: str, extra: list[str], env: dict[str, str], kills: list[int]) -> dict[str, float]:
+    """Start, kill after ``kills[i]`` new training steps, start again... to the end.
+
+    Steps redone are counted from the processes' own output (the last step a killed process
+    logged, less the step the next one resumed from): a SIGKILLed process's run log may not have
+    reached the bucket (its logs are uploaded every 30 s), so the run report undercounts them."""
+    start, processes, done = time.monotonic(), [], 0
     for after in kills:
         run = launch(workdir, extra, env)
         while run.proc.poll() is None and len(trained_steps(run)) < after:
             time.sleep(0.01)
-        if run.proc.poll() is not None:  # finished before this kill
-            run.finish()
-            return done
-        run.proc.kill()
+        finished = run.proc.poll() is not None
+        if not finished:
+            run.proc.kill()
+            done += 1
         run.finish()
-        done += 1
-    run = launch(workdir, extra, env)
-    assert run.finish() == 0, run.output[-3000:]
-    return done
+        processes.append(run)
+        if finished:
+            break
+    else:
+        run = launch(workdir, extra, env)
+        assert run.finish() == 0, run.output[-3000:]
+        processes.append(run)
+    redone = sum(max((trained_steps(killed) or [0])[-1] - resumed_from(next_run), 0)
+                 for killed, next_run in itertools.pairwise(processes))
+    executed = sum(len(trained_steps(run)) for run in processes)
+    return {"kills": done, "redone": redone, "executed": executed, "seconds": time.monotonic() - start}
 
 
 def main() -> None:
@@ -85,17 +102,17 @@ def main() -> None:
               "training.scheduler.warmup_steps=5", "eval.fid_every=null"]
     local = [f"training.checkpoint.local={{directory: {root / 'local'}, every: {args.local_every}, max_to_keep: 2}}"]
     print(f"{args.steps} steps, workdir saves every {args.save_every}, kills after {kills} new steps")
-    print("| variant | kills | steps redone | goodput | restarts from the local tier |")
-    print("|---|---|---|---|---|")
+    print("| variant | kills | steps run | steps redone | wall time | restarts from the local tier |")
+    print("|---|---|---|---|---|---|")
     redone = {}
     try:
         for name, extra in (("workdir only", common), ("with the local tier", common + local)):
             workdir = f"gs://{BUCKET}/goodput/{name.replace(' ', '_')}"
-            done = run_job(workdir, extra, emulator.env, kills)
-            report = compute_report(workdir)
-            redone[name] = sum(restart.steps_redone for restart in report.restarts)
-            local_restarts = sum(restart.tier == "local" for restart in report.restarts)
-            print(f"| {name} | {done} | {redone[name]} | {report.goodput:.1%} | {local_restarts} |", flush=True)
+            job = run_job(workdir, extra, emulator.env, kills)
+            redone[name] = job["redone"]
+            local_restarts = sum(restart.tier == "local" for restart in compute_report(workdir).restarts)
+            print(f"| {name} | {job['kills']} | {job['executed']} | {job['redone']} | {job['seconds']:.0f} s | "
+                  f"{local_restarts} |", flush=True)
     finally:
         emulator.stop()
     ratio = redone["workdir only"] / max(redone["with the local tier"], 1)

@@ -101,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         trainer, config = load(run, all_devices=True)
         classes = trainer.engine.num_classes or 10
         labels = np.repeat(np.arange(classes), args.samples // classes)
-        valid = [c for c in configurations if c[0] in trainer.model.objective.samplers]
+        model = trainer.model
+        known = getattr(getattr(model, "objective", None), "samplers", ("ddpm", "ddim"))  # the DDPM/VDM family: its two
+        valid = [c for c in configurations if c[0] in known]
+        nfe = getattr(model, "network_evaluations", lambda sampler, steps: steps)  # DDPM/DDIM: one per step
 
         def draw(name: str, steps: int, guidance: float | None, trainer=trainer, labels=labels) -> np.ndarray:
             options = {} if guidance is None else {"guidance_scale": guidance}
-            return trainer.generate_samples(len(labels), seed=0, labels=labels, sampler=name, steps=steps, **options)
+            return trainer.generate_samples(len(labels), seed=0, labels=labels, sampler=name, sampling_steps=steps, **options)
 
         images = {c: draw(*c) for c in valid}  # the warm-up compiles each; its samples are scored
         times: dict[tuple, list[float]] = {c: [] for c in valid}
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             scores = quality.sample_quality(quality.to_levels(images[c], config.data.normalize), labels)
             ratio = statistics.median(t / b for t, b in zip(times[c], times[base], strict=True))
             rows.append({
-                "run": run.name, "sampler": c[0], "steps": c[1], "nfe": trainer.model.network_evaluations(c[0], c[1]),
+                "run": run.name, "sampler": c[0], "steps": c[1], "nfe": nfe(c[0], c[1]),
                 "guidance": "config" if c[2] is None else f"{c[2]:g}",
                 "seconds": statistics.median(times[c]), "ratio": ratio, "fd": scores["fd"],
                 "accuracy": scores["accuracy"],
