@@ -2,6 +2,7 @@
 
 from workshop_dist.models import artifex as artifex  # registers artifex_vae, artifex_ddpm, artifex_realnvp
 from workshop_dist.models import autoencoder as autoencoder  # registers 'autoencoder'
+from workshop_dist.models import autoencoder_gan as autoencoder_gan  # its discriminator variant
 from workshop_dist.models import dit as dit  # registers 'dit'
 from workshop_dist.models import flow as flow  # registers 'flow'
 from workshop_dist.models import gan as gan  # registers 'gan'

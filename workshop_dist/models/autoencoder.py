@@ -29,7 +29,7 @@ autoencoder's samples are poor images; it is a first stage, not a generator on i
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -211,13 +211,15 @@ class Autoencoder(GenerativeModel):
     Parameters = AutoencoderParameters
     per_example_keys = True
 
+    adversarial: ClassVar[type | None] = None  # set by workshop_dist.models.autoencoder_gan (imports one way)
+
     @classmethod
     def select_class(cls, config: ModelConfiguration) -> type:
         """This class, or with ``parameters.discriminator: true`` the adversarial one."""
         if config.parameters.get("discriminator"):
-            from workshop_dist.models.autoencoder_gan import AdversarialAutoencoder
-
-            return AdversarialAutoencoder
+            if cls.adversarial is None:
+                raise ConfigError("parameters.discriminator needs workshop_dist.models.autoencoder_gan imported")
+            return cls.adversarial
         return cls
 
     def __init__(self, config: ModelConfiguration, *, rngs: nnx.Rngs):

@@ -110,3 +110,6 @@ class AdversarialAutoencoder(GenerativeModel):
         if group == "autoencoder":
             out["loss"] = out["loss"] + p.disc_weight * on * g_loss
         return out
+
+
+Autoencoder.adversarial = AdversarialAutoencoder  # `parameters.discriminator: true` selects it
