@@ -183,3 +183,8 @@ def test_bad_fid_inputs_are_one_message_each(tmp_path, capsys):
     right = write_safetensors(tmp_path / "right.safetensors", model_tensors(inception.random_inception(0)))
     code, err = run_cli(tmp_path, capsys, *inception_on, f"eval.inception_weights={right}", f"eval.reference={small}")
     assert code == 2 and err.count("\n") == 1 and "64-d features" in err and "2048-d" in err, err
+
+
+def test_the_digits_classifier_refuses_resized_digits(tmp_path, capsys):
+    code, err = run_cli(tmp_path, capsys, "eval.fid_every=1", "data.image_size=16", "model.input_dim=[16,16,1]")
+    assert code == 2 and err.count("\n") == 1 and "eval.features=digits scores 8x8 digits" in err, err

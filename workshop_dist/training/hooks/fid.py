@@ -157,6 +157,11 @@ class FIDHook:
                 "eval.inception_weights to a file made with `workshop-data convert-weights inception "
                 "pt_inception-2015-12-05-6726825d.pth OUT.safetensors`, or eval.fid_every=null.", data.source)
             return None
+        if network is None and config.resolved_features(data.source) == "digits" and data.image_size not in (None, 8):
+            raise fid.FIDError(
+                f"eval.features=digits scores 8x8 digits, but data.image_size={data.image_size}: set eval.fid_every=null, "
+                "or eval.features=inception with eval.inception_weights"
+            )
         network = network or features.for_run(config, data.source)
         reference = None
         if config.reference:
