@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -188,3 +189,23 @@ def test_bad_fid_inputs_are_one_message_each(tmp_path, capsys):
 def test_the_digits_classifier_refuses_resized_digits(tmp_path, capsys):
     code, err = run_cli(tmp_path, capsys, "eval.fid_every=1", "data.image_size=16", "model.input_dim=[16,16,1]")
     assert code == 2 and err.count("\n") == 1 and "eval.features=digits scores 8x8 digits" in err, err
+
+
+def test_samples_the_network_cannot_score_turn_the_hook_off_with_a_warning(caplog):
+    from tests.engine_models import TanhModel
+    from workshop_dist.models import ModelConfiguration
+
+    model = TanhModel(ModelConfiguration(input_dim=(8, 8, 1)), rngs=nnx.Rngs(0))  # samples [N, 64]
+    trainer = Trainer(model, training_config(batch_size=16), np.zeros((16, 8, 8, 1), np.float32), None, None)
+    config = EvalConfiguration(fid_every=10, fid_samples=100)
+    logger = logging.getLogger("workshop_dist")
+    logger.addHandler(caplog.handler)  # the Trainer's logger does not propagate
+    try:
+        hook = FIDHook.for_run(config, trainer.engine, sink=Sink(), best=Best(), batch_size=16, experiment_config=None,
+                               reference_data=None, network=tiny_network())
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert hook is None and "this model's samples are (64,), which fd cannot score" in caplog.text
+    scored = FIDHook.for_run(config, vae_trainer(make_mesh(MeshConfiguration())).engine, sink=Sink(), best=Best(),
+                             batch_size=16, experiment_config=None, reference_data=None, network=tiny_network())
+    assert scored is not None  # the VAE's samples are 8x8x1 images

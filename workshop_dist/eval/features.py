@@ -32,6 +32,13 @@ class FeatureNetwork:
     graphdef: nnx.GraphDef
     weights: Any  # an nnx.State of arrays
     reference: Callable[[], tuple[Any, Any]] | None = None  # (mu, sigma) when it comes with its own reference
+    image_shape: tuple[int, ...] | None = None  # the one image shape it scores (None: any H x W with 1 or 3 channels)
+
+    def scores(self, shape: tuple[int, ...]) -> bool:
+        """Whether images of ``shape`` (one image, H x W x C) can be scored."""
+        if self.image_shape is not None:
+            return tuple(shape) == self.image_shape
+        return len(shape) == 3 and shape[-1] in (1, 3)
 
     def apply(self, weights: Any, images: jax.Array) -> jax.Array:
         """``[N, dim]`` features of images ``[N, H, W, C]`` in [0, 1] (jittable)."""
@@ -105,7 +112,7 @@ def digits_classifier(seed: int = 0, steps: int | None = None) -> FeatureNetwork
         split = quality.load_digits_split("test")["image"]
         return fid.FeatureStatistics.of(classifier.features(split)).gaussian()
 
-    return FeatureNetwork("fd", quality.FEATURE_DIM, classifier.graphdef, classifier.state, reference)
+    return FeatureNetwork("fd", quality.FEATURE_DIM, classifier.graphdef, classifier.state, reference, (8, 8, 1))
 
 
 def for_run(config: EvalConfiguration, data_source: str) -> FeatureNetwork:

@@ -163,9 +163,24 @@ class FIDHook:
                 "or eval.features=inception with eval.inception_weights"
             )
         network = network or features.for_run(config, data.source)
+        shape = sample_shape(engine, config.sampling)
+        if not network.scores(shape):  # e.g. a user's model on the digits config: its samples are not 8x8 digits
+            log.warning("eval.fid_every is set, but this model's samples are %s, which %s cannot score: no %s is "
+                        "computed (set eval.fid_every=null to silence this).", shape, network.metric, network.metric)
+            return None
         reference = None
         if config.reference:
             reference = fid.load_statistics(config.reference, network.dim)
         return cls(engine, network, every=config.fid_every, num_samples=config.fid_samples,
                    batch_size=config.fid_batch_size or batch_size, sink=sink, best=best, data_max=data.max_value,
                    sampling=config.sampling, seed=config.seed, reference=reference, reference_data=reference_data)
+
+
+def sample_shape(engine: Engine, sampling: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of one sample of the engine's model (traced abstractly: nothing runs)."""
+    shapes, sample = engine.state_shapes, steps.make_sample_fn(engine.calls)
+    count = parallel.data_parallel_size(engine.mesh)  # splits over the mesh like a batch
+    labels = jax.ShapeDtypeStruct((count,), jnp.int32) if engine.num_classes else None
+    out = jax.eval_shape(lambda p, ms, key, y: sample(p, ms, key, y, count, tuple(sorted(sampling.items()))),
+                         shapes.params, shapes.model_state, jax.ShapeDtypeStruct((2,), jnp.uint32), labels)
+    return tuple(out.shape[1:])
