@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -38,6 +39,17 @@ class TinyFeatures(nnx.Module):
 def tiny_network() -> FeatureNetwork:
     graphdef, weights = nnx.split(TinyFeatures(nnx.Rngs(0)))
     return FeatureNetwork("fd", 16, graphdef, weights)
+
+
+@contextlib.contextmanager
+def captured(caplog):
+    """caplog sees the "workshop_dist" logger's records (a Trainer's Logger stops their propagation)."""
+    logger = logging.getLogger("workshop_dist")
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 class Sink(MetricSink):
@@ -146,8 +158,9 @@ def test_fid_needs_inception_weights_beyond_the_digits(caplog):
     # A digits config pointed at other data (features: auto): a warning saying how, and no FID hook.
     config = ExperimentConfiguration.from_dict({}, ["data.source=images:/nowhere", "eval.fid_every=10"])
     trainer = vae_trainer(make_mesh(MeshConfiguration()))
-    hook = FIDHook.for_run(config.eval, trainer.engine, sink=Sink(), best=Best(), batch_size=16,
-                           experiment_config=config.model_dump(mode="json"), reference_data=None)
+    with captured(caplog):
+        hook = FIDHook.for_run(config.eval, trainer.engine, sink=Sink(), best=Best(), batch_size=16,
+                               experiment_config=config.model_dump(mode="json"), reference_data=None)
     assert hook is None
     assert "no FID is computed. Set eval.inception_weights" in caplog.text
 
@@ -198,13 +211,9 @@ def test_samples_the_network_cannot_score_turn_the_hook_off_with_a_warning(caplo
     model = TanhModel(ModelConfiguration(input_dim=(8, 8, 1)), rngs=nnx.Rngs(0))  # samples [N, 64]
     trainer = Trainer(model, training_config(batch_size=16), np.zeros((16, 8, 8, 1), np.float32), None, None)
     config = EvalConfiguration(fid_every=10, fid_samples=100)
-    logger = logging.getLogger("workshop_dist")
-    logger.addHandler(caplog.handler)  # the Trainer's logger does not propagate
-    try:
+    with captured(caplog):
         hook = FIDHook.for_run(config, trainer.engine, sink=Sink(), best=Best(), batch_size=16, experiment_config=None,
                                reference_data=None, network=tiny_network())
-    finally:
-        logger.removeHandler(caplog.handler)
     assert hook is None and "this model's samples are (64,), which fd cannot score" in caplog.text
     scored = FIDHook.for_run(config, vae_trainer(make_mesh(MeshConfiguration())).engine, sink=Sink(), best=Best(),
                              batch_size=16, experiment_config=None, reference_data=None, network=tiny_network())
