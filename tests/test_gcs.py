@@ -256,11 +256,15 @@ def saving(checkpoints: epath.Path) -> list[str]:
             or (name.isdigit() and not (checkpoints / name / "commit_success.txt").exists())]
 
 
-def assert_same_final_state(a: epath.Path | Path, b: epath.Path | Path) -> None:
-    got, expected = final_state(a), final_state(b)
+def assert_arrays_equal(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
     assert got.keys() == expected.keys()
     for name in got:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def assert_same_final_state(a: epath.Path | Path, b: epath.Path | Path) -> None:
+    """The same arrays and data position (one process's) in two checkpoints."""
+    assert_arrays_equal(final_state(a), final_state(b))
 
 
 def test_sigkill_during_an_async_save_on_gs_resumes_bit_identically(gcs, tmp_path):
@@ -306,11 +310,7 @@ def test_two_processes_on_a_gs_workdir_resume_bit_identically(gcs, tmp_path):
     assert positions == {"process_0-of-2.json", "process_1-of-2.json"}  # each process wrote its own
     run = Launch(workdir, gcs.env)
     assert run.finish() == 0, run.output[-3000:]
-    final = checkpoints / str(FINAL)
-    got, expected = checkpoint_arrays(final), checkpoint_arrays(reference / "checkpoints" / str(FINAL))
-    assert got.keys() == expected.keys()
-    for name in got:
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert_arrays_equal(checkpoint_arrays(checkpoints / str(FINAL)), checkpoint_arrays(reference / "checkpoints" / str(FINAL)))
 
 
 def test_the_bucket_unreachable_mid_run_loses_nothing(tmp_path):
