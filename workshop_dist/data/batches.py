@@ -19,6 +19,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from workshop_dist.data import latents
 from workshop_dist.data.transforms import BadExampleError
 
 Batch = dict[str, np.ndarray]
@@ -105,9 +106,12 @@ class GlobalBatches(grain.MapDataset):
         shuffle_seed: int | None,
         flip_seed: int | None,
         crop_seed: int | None = None,
+        latent_seed: int | None = None,
     ):
+        """``latent_seed``: the posterior draws of latent data stored as moments (:mod:`workshop_dist.data.latents`)."""
         super().__init__()
         self._reader = reader
+        self._latent_seed = latent_seed
         self._global = global_batch_size
         self._rows = np.asarray(rows, np.int64)
         self._steps_per_epoch = steps_per_epoch
@@ -148,6 +152,8 @@ class GlobalBatches(grain.MapDataset):
         order, flips, crops = self._epoch(epoch)
         positions = step * self._global + self._rows
         batch = self._transform(self._reader.read(order[positions], None if crops is None else crops[positions]))
+        if latents.STD_KEY in batch:  # latents stored as moments: this step's posterior draw
+            batch = latents.draw(batch, self._latent_seed, epoch, step, self._rows, self._global)
         if flips is not None:
             flip = flips[positions]
             batch["image"] = np.where(flip[:, None, None, None], batch["image"][:, :, ::-1], batch["image"])
@@ -167,7 +173,8 @@ class GlobalBatches(grain.MapDataset):
         and batches are plain gathers (no random flips)."""
         if getattr(self._reader, "_arrays", None) is None or self._flip_seed is not None:
             return None
-        return self._transform(self._reader.read_all())
+        examples = self._transform(self._reader.read_all())
+        return None if latents.STD_KEY in examples else examples  # a new draw every step: not a plain gather
 
 
 class EvalBatches(grain.MapDataset):
@@ -196,6 +203,7 @@ class EvalBatches(grain.MapDataset):
         positions = index * self._global + self._rows
         real = positions < len(self._reader)
         batch = self._transform(self._reader.read(np.minimum(positions, len(self._reader) - 1)))
+        batch.pop(latents.STD_KEY, None)  # latents stored as moments: evaluation takes the mean
         for value in batch.values():
             value[~real] = 0
         batch["mask"] = real.astype(np.float32)

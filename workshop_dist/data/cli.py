@@ -5,11 +5,13 @@
     workshop-data stats PATH --out REF.npz --weights INCEPTION.safetensors
     workshop-data convert-weights inception PTH OUT.safetensors
     workshop-data convert-weights sd-vae VAE.safetensors OUT.safetensors
+    workshop-data encode --autoencoder RUN_OR_WEIGHTS SRC DEST [--store moments|sample] [--shards N]
 
 ``SRC``/``PATH``: an image folder (one folder per split), ``.npz``/``.npy`` arrays,
 ``tfds:NAME[:CONFIG]`` prepared in ``--data-dir``, or ArrayRecord files
-(:mod:`workshop_dist.data.splits`). Exit codes as ``workshop-train``: 0 done, 1 unreadable
-data, 2 bad input or usage; 130 interrupted (``convert`` then resumes when run again).
+(:mod:`workshop_dist.data.splits`); ``encode`` also takes ``digits`` (the built-in data, with
+``--image-size``). Exit codes as ``workshop-train``: 0 done, 1 unreadable
+data, 2 bad input or usage; 130 interrupted (``convert`` and ``encode`` then resume when run again).
 """
 
 from __future__ import annotations
@@ -69,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("source", metavar="SOURCE", help="inception: pt_inception-*.pth; sd-vae: the VAE's safetensors "
                          "(diffusers' names; its config.json beside it is read for the GroupNorm groups)")
     weights.add_argument("out", metavar="OUT.safetensors")
+
+    encode = add("encode", help="Latents of SRC under a frozen autoencoder into sharded ArrayRecord files in DEST "
+                 "(resumable; workshop_dist.encode).")
+    encode.add_argument("src", metavar="SRC", help="As for convert, or 'digits' (the built-in data; with --image-size).")
+    encode.add_argument("dest", metavar="DEST")
+    encode.add_argument("--autoencoder", required=True, metavar="RUN_OR_WEIGHTS",
+                        help="An autoencoder run (workdir or checkpoint directory) or weights from convert-weights sd-vae.")
+    encode.add_argument("--store", choices=["moments", "sample"], default="moments",
+                        help="moments: the posterior's mean and log-variance (default; training draws from them); "
+                        "sample: one draw per example.")
+    encode.add_argument("--shards", type=int, default=1, help="Files per split (default 1).")
+    encode.add_argument("--batch-size", type=int, default=64, help="Images per encoder call, split over the devices.")
+    encode.add_argument("--seed", type=int, default=0, help="The draws of --store sample.")
+    encode.add_argument("--max-level", type=float, help="The white pixel value (default: 16 for digits, else the dtype's max).")
+    _source_arguments(encode)
     return parser
 
 
@@ -180,6 +197,34 @@ def run_convert_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_encode(args: argparse.Namespace) -> int:
+    import jax
+
+    from workshop_dist.config import ConfigError
+    from workshop_dist.encode import digits_dataset, encode_dataset
+    from workshop_dist.training.first_stage import load_first_stage
+
+    if args.src == "digits":
+        if args.image_size is not None and args.image_size < 1:
+            raise ConfigError(f"--image-size must be positive, got {args.image_size}.")
+        dataset = digits_dataset(args.image_size, [s for s in (args.splits or "").split(",") if s] or None)
+    else:
+        dataset = _open(args, args.src)
+    stage = load_first_stage(args.autoencoder, mesh=None)
+    settings = {"autoencoder": os.path.abspath(args.autoencoder), "image_size": args.image_size, "channels": args.channels,
+                "crop_only": args.crop_only}
+    manifest = encode_dataset(dataset, args.dest, stage, shards=args.shards, store=args.store, batch_size=args.batch_size,
+                              seed=args.seed, max_level=args.max_level, settings=settings,
+                              progress=False if args.quiet else None)
+    for split, count in manifest["written"].items():
+        print(f"{split}: {count} latents in {manifest['splits'][split]['shards']} shard(s)")
+    dest = os.path.abspath(args.dest)
+    print(f"On {jax.local_device_count()} device(s); scale factor {stage.scale_factor:g}. Train on them with "
+          f"data.source=array_record:{dest}/{{split}}-*-of-*.array_record data.normalize=latent "
+          f"model.decoder={os.path.abspath(args.autoencoder)}")
+    return 0
+
+
 def hook(command: str) -> Callable:
     """The function behind ``command`` (see :data:`HOOKS`); a clear error while it does not exist."""
     from workshop_dist.config import ConfigError
@@ -198,7 +243,8 @@ def hook(command: str) -> Callable:
     return getattr(module, function)
 
 
-COMMANDS = {"convert": run_convert, "inspect": run_inspect, "stats": run_stats, "convert-weights": run_convert_weights}
+COMMANDS = {"convert": run_convert, "inspect": run_inspect, "stats": run_stats, "convert-weights": run_convert_weights,
+            "encode": run_encode}
 
 
 if __name__ == "__main__":  # guarded: convert's worker processes start with spawn and re-import __main__

@@ -29,8 +29,10 @@ class DataConfiguration(StrictConfig):
     train_split: str = "train"
     eval_split: str = "validation"
     image_key: str = pydantic.Field("image", description="Feature holding the image in each example.")
-    normalize: Literal["unit", "levels"] = pydantic.Field(
-        "unit", description="'unit': float32 in [0, 1]; 'levels': keep the integer pixel levels."
+    normalize: Literal["unit", "levels", "latent"] = pydantic.Field(
+        "unit",
+        description="'unit': float32 in [0, 1]; 'levels': keep the integer pixel levels; 'latent': the latents of "
+        "`workshop-data encode` (float32, scaled by their stored factor; no pixel range: workshop_dist.data.latents).",
     )
     max_level: float | None = pydantic.Field(
         None,
@@ -96,8 +98,9 @@ class DataConfiguration(StrictConfig):
 
     @property
     def max_value(self) -> float:
-        """A white pixel's value in batches: 1 for ``unit``, the top level for ``levels``."""
-        return 1.0 if self.normalize == "unit" else float(self.num_levels - 1)
+        """A white pixel's value in batches: 1 for ``unit``, the top level for ``levels`` (1 for ``latent``,
+        which has no pixels: a model decoding them takes its autoencoder's range, ``model.decoder``)."""
+        return float(self.num_levels - 1) if self.normalize == "levels" else 1.0
 
     @pydantic.field_validator("source")
     @classmethod

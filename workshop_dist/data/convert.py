@@ -83,11 +83,11 @@ def convert(
         "settings": settings or {},
         "splits": {split: {"examples": len(source), "shards": max(1, min(shards, len(source)))} for split, source in dataset.splits.items()},
     }
-    manifest = _start(dest, expected)
+    manifest = start_manifest(dest, expected)
     todo = [shard for shard in planned if not (dest / shard.name).is_file()]
     for shard in planned:
         if shard not in todo and shard.name not in manifest["shards"]:  # renamed, then interrupted
-            manifest["shards"][shard.name] = {"examples": _num_records(dest / shard.name), "skipped": []}
+            manifest["shards"][shard.name] = {"examples": num_records(dest / shard.name), "skipped": []}
     if dataset.classes:
         (dest / images.LABELS_FILE).write_text(json.dumps({"source": dataset.source, "classes": dataset.classes}, indent=2) + "\n")
     from tqdm import tqdm
@@ -97,24 +97,25 @@ def convert(
         writer = None
         for shard, records, skipped, first, last in _encoded_chunks(dataset, todo, workers, skip_bad, bar):
             if first:
-                writer, written, bad = _ShardWriter(dest, shard), 0, []
+                writer, written, bad = ShardWriter(dest, shard), 0, []
             writer.write(records)
             written, bad = written + len(records), bad + skipped
             if last:
                 writer.finish()
                 manifest["shards"][shard.name] = {"examples": written, "skipped": bad}
-                _write_json(dest / MANIFEST, manifest)
+                write_json(dest / MANIFEST, manifest)
     manifest["complete"] = True
     manifest["written"] = {
         split: sum(entry["examples"] for name, entry in manifest["shards"].items() if name.rsplit("-", 3)[0] == split)
         for split in dataset.splits
     }
-    _write_json(dest / MANIFEST, manifest)
+    write_json(dest / MANIFEST, manifest)
     return manifest
 
 
-def _start(dest: Path, expected: dict[str, Any]) -> dict[str, Any]:
-    """The manifest to continue: a new one, or the one in ``dest`` if it is the same conversion."""
+def start_manifest(dest: Path, expected: dict[str, Any], *, command: str = "workshop-data convert") -> dict[str, Any]:
+    """The manifest to continue: a new one, or the one in ``dest`` if it is the same conversion
+    (``workshop_dist.encode`` shares it: its latents resume the same way)."""
     path = dest / MANIFEST
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -125,10 +126,10 @@ def _start(dest: Path, expected: dict[str, Any]) -> dict[str, Any]:
             )
         return {**previous, "complete": False}
     if dest.is_dir() and any(dest.glob("*.array_record")):
-        raise ConfigError(f"{dest} already holds ArrayRecord files not written by workshop-data convert: use another DEST.")
+        raise ConfigError(f"{dest} already holds ArrayRecord files not written by {command}: use another DEST.")
     dest.mkdir(parents=True, exist_ok=True)
     manifest = {"format": "workshop_dist.data.records", **expected, "shards": {}, "complete": False}
-    _write_json(path, manifest)
+    write_json(path, manifest)
     return manifest
 
 
@@ -181,7 +182,7 @@ def _encode_chunk(task: tuple[Shard, int, int, bool]) -> tuple[list[bytes], list
     return records, skipped
 
 
-class _ShardWriter:
+class ShardWriter:
     """Writes a shard under a hidden temporary name and renames it when complete: a shard
     file is never half written, so a rerun can skip every shard file it finds."""
 
@@ -200,7 +201,7 @@ class _ShardWriter:
         os.replace(self._temporary, self._final)
 
 
-def _num_records(path: Path) -> int:
+def num_records(path: Path) -> int:
     from array_record.python.array_record_module import ArrayRecordReader
 
     reader = ArrayRecordReader(str(path))
@@ -210,7 +211,7 @@ def _num_records(path: Path) -> int:
         reader.close()
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
     os.replace(temporary, path)

@@ -36,6 +36,7 @@ from workshop_dist.data.arrays import as_example_dict, eval_num_batches, process
 from workshop_dist.data.batches import Batch, EvalBatches, ExampleReader, GlobalBatches
 from workshop_dist.data.config import DataConfiguration
 from workshop_dist.data.inputs import EvalInput, TrainInput
+from workshop_dist.data.latents import LatentStandardize, check_normalize
 from workshop_dist.data.sources import ArraySource, Source, open_source
 from workshop_dist.data.transforms import Standardize
 
@@ -172,7 +173,7 @@ def derive_seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
 
 
-_SHUFFLE, _FLIP, _CROP = 0, 1, 2
+_SHUFFLE, _FLIP, _CROP, _LATENT = 0, 1, 2, 3
 
 
 def process_rows(global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
@@ -215,6 +216,7 @@ def _train_input(
         shuffle_seed=derive_seed(seed, _SHUFFLE) if shuffle else None,
         flip_seed=derive_seed(seed, _FLIP) if random_flip else None,
         crop_seed=derive_seed(seed, _CROP) if reader.augments else None,
+        latent_seed=derive_seed(seed, _LATENT),
     )
     iter_ds = batches.to_iter_dataset(_read_options(prefetch))
     if worker_count:
@@ -235,19 +237,24 @@ def _train_input(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _open(config: DataConfiguration, split: str, *, augment: bool = False) -> tuple[ExampleReader, Standardize]:
+def _open(config: DataConfiguration, split: str, *, augment: bool = False) -> tuple[ExampleReader, Standardize | LatentStandardize]:
     """The split's reader (in memory with ``data.cache``) and its batch standardization.
 
     ``augment``: training (random crops of image folders, unless cached: decoded once, centered).
     """
     source = open_source(config, split, augment=augment and not config.cache)
+    check_normalize(config.normalize, source.latents, source.name)
     reader = ExampleReader(source.data, source.decode, skip_bad=source.skip_bad)
     if len(reader) and config.cache:
         reader = ExampleReader(ArraySource(reader.read_all()))
     return reader, _standardize(config, source, reader)
 
 
-def _standardize(config: DataConfiguration, source: Source, reader: ExampleReader) -> Standardize:
+def _standardize(config: DataConfiguration, source: Source, reader: ExampleReader) -> Standardize | LatentStandardize:
+    if source.latents is not None:
+        if config.binarize:
+            raise ConfigError(f"data.binarize thresholds pixels; {source.name} holds latents: remove it")
+        return LatentStandardize(float(source.latents["scale_factor"]), source.latents["store"])
     max_level = source.max_level
     if max_level is None:
         if len(reader) == 0:

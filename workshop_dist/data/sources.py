@@ -33,6 +33,7 @@ from workshop_dist._deps import require_tfds
 from workshop_dist.config import ConfigError
 from workshop_dist.data import digits
 from workshop_dist.data.config import DataConfiguration
+from workshop_dist.data.latents import latents_beside
 from workshop_dist.data.transforms import DecodeRecord, ResizeImage
 
 DATA_DIR_ENV = "WORKSHOP_DATA_DIR"
@@ -58,6 +59,7 @@ class Source:
     decode: grain.transforms.Map | None = None
     max_level: float | None = None
     skip_bad: bool = False
+    latents: dict[str, Any] | None = None  # latents.json of a `workshop-data encode` data set
 
     def __len__(self) -> int:
         return len(self.data)
@@ -128,7 +130,8 @@ def open_source(config: DataConfiguration, split: str, *, augment: bool = False)
         paths = array_record_paths(rest, split)
         data = grain.sources.ArrayRecordDataSource(paths)
         return Source(
-            data, name=f"array_record:{rest}[{split}]", decode=DecodeRecord(), max_level=config.max_level
+            data, name=f"array_record:{rest}[{split}]", decode=DecodeRecord(), max_level=config.max_level,
+            latents=latents_beside(rest),
         )
     if kind == "images":
         return image_source(config, rest, split, augment=augment)

@@ -19,16 +19,17 @@ class DataSpec(StrictConfig):
     num_levels: int = pydantic.Field(
         17, ge=2, description="Distinct pixel values of the source, 0..num_levels-1 (digits: 17, 8-bit images: 256)."
     )
-    normalize: Literal["unit", "levels"] | None = pydantic.Field(
+    normalize: Literal["unit", "levels", "latent"] | None = pydantic.Field(
         None,
-        description="How batches hold pixels, as data.normalize: floats in [0, 1] ('unit') or the integer "
-        "levels 0..num_levels-1 ('levels'); null: not stated (each model assumes its usual form).",
+        description="How batches hold pixels, as data.normalize: floats in [0, 1] ('unit'), the integer "
+        "levels 0..num_levels-1 ('levels'), or an autoencoder's scaled latents ('latent': no pixel range); "
+        "null: not stated (each model assumes its usual form).",
     )
 
     @property
     def max_value(self) -> float | None:
-        """The value of a white pixel in batches (None when ``normalize`` is not stated)."""
-        if self.normalize is None:
+        """The value of a white pixel in batches (None when ``normalize`` is not stated, or for latents)."""
+        if self.normalize in (None, "latent"):
             return None
         return 1.0 if self.normalize == "unit" else float(self.num_levels - 1)
 
@@ -55,6 +56,12 @@ class ModelConfiguration(StrictConfig):
         "float32",
         description="Storage dtype of the parameters (master weights). Keep float32 with dtype=bfloat16: "
         "compute runs in bf16, updates and checkpoints stay float32.",
+    )
+    decoder: str | None = pydantic.Field(
+        None,
+        description="A frozen autoencoder that decodes this model's samples (latents) to pixels for sample grids "
+        "and the FID hook: converted weights (.safetensors) or an autoencoder run's workdir/checkpoint "
+        "(workshop_dist.training.first_stage). Never trained, not in checkpoints.",
     )
     data: DataSpec = pydantic.Field(
         default_factory=DataSpec,
@@ -116,6 +123,11 @@ class LevelsParameters(StrictConfig):
 def data_levels(config: ModelConfiguration, parameters: LevelsParameters, family: str) -> int:
     """The data's level count: ``model.data.num_levels`` (the deprecated ``parameters.num_levels`` still works)."""
     spec = config.data
+    if spec.normalize == "latent":
+        raise ConfigError(
+            f"{family} models integer pixel levels, but the data is an autoencoder's latents: train a flow matching "
+            "or EDM objective on them (model.parameters.objective)"
+        )
     if spec.normalize == "unit":
         raise ConfigError(
             f"{family} models integer pixel levels, but the data is normalized to [0, 1]: set data.normalize: levels"

@@ -8,7 +8,9 @@ sizes and that objective's own options (:class:`~.objectives.FlowMatchingConfig`
 
 The network is the backbone with one output per image channel. Pixels are mapped to
 ``[-1, 1]`` (integer levels ``0..L-1``, or ``[0, 1]`` floats for ``data.normalize: unit``) and
-samples back to the data's own form (levels are rounded). Every draw comes from the example's
+samples back to the data's own form (levels are rounded); an autoencoder's latents
+(``data.normalize: latent``, already scaled to about unit variance) are taken and returned as they
+are, with no range to clip to. Every draw comes from the example's
 own key, so results do not depend on the batch an example is in, and a sample batch is
 sharded over the mesh like a training batch (:func:`shard_samples`).
 """
@@ -107,6 +109,7 @@ class ObjectiveModel(GenerativeModel):
         self.channels = self.image_shape[-1]
         spec = config.data
         self.unit_data = spec.normalize == "unit"  # [0, 1] floats; otherwise integer levels 0..L-1
+        self.latent_data = spec.normalize == "latent"  # scaled latents: the model's space as they are
         self.top = 1.0 if self.unit_data else float(spec.num_levels - 1)
         options = self.hp.model_dump(include=set(OBJECTIVES[self.objective_name].Config.model_fields))
         self.objective: Objective = create_objective(self.objective_name, options)
@@ -119,9 +122,13 @@ class ObjectiveModel(GenerativeModel):
 
     # --- data space <-> model space ----------------------------------------------------------
     def to_model(self, images: jax.Array) -> jax.Array:
+        if self.latent_data:
+            return images.astype(jnp.float32)
         return images.astype(jnp.float32) * (2.0 / self.top) - 1.0
 
     def to_data(self, x: jax.Array) -> jax.Array:
+        if self.latent_data:
+            return x.astype(jnp.float32)
         data = jnp.clip((x + 1.0) * (self.top / 2.0), 0.0, self.top)
         return data if self.unit_data else jnp.round(data)
 
@@ -168,7 +175,7 @@ class LikelihoodMixin:
         """Flow matching: an upper bound on ``-log P(levels)`` in nats per image through the
         probability-flow ODE (exact divergence on small images, Hutchinson's otherwise); with
         labels, of the uniform mixture over classes, like the diffusion bound."""
-        if self.unit_data:
+        if self.unit_data or self.latent_data:
             raise ConfigError(f"{self.family}: the likelihood bound is over integer levels (data.normalize: levels)")
         x, labels = self.to_model(batch["image"]), batch.get("label")
         keys = jax.random.split(rng, x.shape[0])
