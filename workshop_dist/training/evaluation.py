@@ -41,9 +41,11 @@ def evaluate(engine: engines.Engine, state: TrainingState, data: Any, batch_size
 
 
 def generate(
-    engine: engines.Engine, state: TrainingState, num_samples: int, seed: int | None, labels: Any, options: dict[str, Any]
+    engine: engines.Engine, state: TrainingState, num_samples: int, seed: int | None, labels: Any, options: dict[str, Any],
+    decoder: Any = None,
 ) -> np.ndarray:
-    """``num_samples`` samples (numpy); ``labels`` (int ``[num_samples]``) condition a conditional model."""
+    """``num_samples`` samples (numpy); ``labels`` (int ``[num_samples]``) condition a conditional model.
+    ``decoder`` (a :class:`~workshop_dist.training.first_stage.FirstStage`) turns latent samples into pixels."""
     rng = jax.random.fold_in(state.rng, SAMPLE_STREAM) if seed is None else jax.random.PRNGKey(seed)
     if labels is not None:
         labels = np.asarray(labels, np.int32)
@@ -52,4 +54,4 @@ def generate(
         labels = parallel.place(labels, parallel.replicated(engine.mesh))
     options = tuple(sorted(options.items()))
     out = engine.sample(engine.eval_params(state), state.model_state, rng, labels, num_samples, options)
-    return np.asarray(jax.device_get(out))
+    return np.asarray(jax.device_get(out if decoder is None else decoder.decode_on_mesh(out)))

@@ -101,9 +101,15 @@ class FirstStage:
     def _decode(self) -> Any:
         return jax.jit(self.decode_fn)
 
+    def decode_on_mesh(self, latents: Any) -> jax.Array:
+        """Scaled latents (numpy: placed replicated beside the parameters; or already on the mesh) -> images there."""
+        if not isinstance(latents, jax.Array) or (latents.is_fully_addressable and len(latents.devices()) == 1):
+            latents = jax.device_put(np.asarray(latents), jax.tree.leaves(self.params)[0].sharding)
+        return self._decode(self.params, latents)
+
     def decode(self, latents: Any) -> np.ndarray:
-        """Scaled latents (numpy or on the mesh) -> data-space images as numpy."""
-        return np.asarray(jax.device_get(self._decode(self.params, jnp.asarray(latents))))
+        """Scaled latents -> data-space images as numpy."""
+        return np.asarray(jax.device_get(self.decode_on_mesh(latents)))
 
     def placed(self, mesh: jax.sharding.Mesh) -> FirstStage:
         """This first stage with its parameters replicated on ``mesh``."""
@@ -126,6 +132,16 @@ def load_first_stage(
         raise FirstStageError(
             f"the autoencoder {text} takes {stage.image_channels}-channel images, the data has {image_channels}"
         )
+    return stage
+
+
+def decoder_for(model: Any, mesh: jax.sharding.Mesh) -> FirstStage | None:
+    """The frozen decoder ``model.decoder`` names (None without one), checked against the model's latents."""
+    path = getattr(model, "decoder", None) if isinstance(model, ModelConfiguration) else None
+    if not path:
+        return None
+    stage = load_first_stage(path, mesh=mesh)
+    stage.image_shape(model.input_dim)  # one message when the model's samples are not its latents
     return stage
 
 

@@ -2,10 +2,9 @@
 
 It assembles, once: the mesh and the input; the :class:`~workshop_dist.training.plan.Plan` (the
 configuration resolved); the :class:`~workshop_dist.training.engine.Engine` (built from the
-input's batch specification); the clock and the hooks. ``train_epoch`` and ``fit`` hand them to
-:func:`~workshop_dist.training.loop.train`, which owns the step loop. Between calls the Trainer
-holds only what the original API exposes: the state, the step, and the hooks' records
-(``train_metrics``, ``val_metrics``, the best loss).
+input's batch specification); the clock, the hooks, and a latent model's frozen decoder. ``train_epoch``
+and ``fit`` hand them to :func:`~workshop_dist.training.loop.train`, which owns the step loop. Between
+calls the Trainer holds only what the original API exposes: the state, the step, the hooks' records.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from workshop_dist.training import feed as feeds
 from workshop_dist.training.clock import Clock
 from workshop_dist.training.config import TrainingConfiguration
 from workshop_dist.training.engine import Engine
+from workshop_dist.training.first_stage import decoder_for
 from workshop_dist.training.hooks import Every
 from workshop_dist.training.hooks.checkpoint import CheckpointHook
 from workshop_dist.training.hooks.evaluate import Best, EvaluateHook
@@ -110,20 +110,20 @@ class Trainer:
 
         # --- The hooks (the loop's periodic actions) ---------------------------------------------
         peak = hardware.peak_flops(self.mesh.devices.flat[0])
+        self.decoder = decoder_for(model, self.mesh)  # model.decoder: latent samples decoded for grids and FID
         self._sink = MetricSink(self.metrics_logger, self.logger, callback=log_callback, progress_bar=progress_bar,
                                 total_steps=self.total_steps, epoch_of=self._epoch_of)
-        self._log = LogHook(self._sink, batch_size=config.batch_size, flops_per_step=self.engine.flops_per_step,
-                            peak_flops=peak * self.mesh.devices.size if peak else None, nan_policy=config.nan_policy,
-                            every=cadence.log_every)
+        self._log = LogHook(self._sink, batch_size=config.batch_size, flops_per_step=self.engine.flops_per_step, every=cadence.log_every,
+                            peak_flops=peak * self.mesh.devices.size if peak else None, nan_policy=config.nan_policy)
         self._best = Best(config.checkpoint.best_metric, config.checkpoint.best_mode)
         self._evaluate = EvaluateHook(self.engine, val_data_loader, batch_size=config.batch_size, every=cadence.eval_every,
                                       sink=self._sink, max_in_flight=performance.max_steps_in_flight, best=self._best)
         self._fid = FIDHook.for_run(eval_config, self.engine, sink=self._sink, best=self._best, batch_size=config.batch_size,
-                                    experiment_config=self.experiment_config, reference_data=val_data_loader)
+                                    experiment_config=self.experiment_config, reference_data=val_data_loader, decoder=self.decoder)
         self._evaluate.extra_metrics = {self._fid.metric} if self._fid else set()  # for the best metric's check
         self._samples = SamplesHook(self.engine, count=cadence.num_samples, metrics_logger=self.metrics_logger,
                                     directory=self.workdir / "samples" if self.workdir else None, follows=self._evaluate,
-                                    data_max=data_max(self.experiment_config))
+                                    data_max=data_max(self.experiment_config), decoder=self.decoder)
         directory = config.checkpoint.directory
         self.checkpoint_dir = storage.as_path(directory, absolute=False) if directory else (
             self.workdir / "checkpoints" if self.workdir else None)
@@ -253,7 +253,7 @@ class Trainer:
 
     def generate_samples(self, num_samples: int, seed: int | None = None, labels: Any = None, **sampling_options: Any) -> np.ndarray:
         """``num_samples`` samples as a numpy array (the same for the same seed); ``labels`` condition them."""
-        return evaluation.generate(self.engine, self._state, num_samples, seed, labels, sampling_options)
+        return evaluation.generate(self.engine, self._state, num_samples, seed, labels, sampling_options, self.decoder)
 
     def write_samples(self) -> storage.AnyPath | None:
         """A sample grid of the current state: ``WORKDIR/samples/step_<N>.png`` (every process must call it)."""

@@ -7,6 +7,11 @@ sum of outer products to that shard's totals inside the same jitted program; at 
 reduced across devices and hosts once and read back in float64 (:class:`~workshop_dist.eval.fid.FeatureStatistics`) and computes the Frechet
 distance. The samples' noise is the same at every evaluation (``eval.seed``), so the scores of a
 run compare; conditional models get class-balanced labels.
+
+A latent model (``model.decoder``) has its samples decoded to pixels by the frozen autoencoder in the
+same program, and those are scored (reference data from the evaluation split is decoded likewise).
+When the decoded images are an integer multiple of the one size a network scores (the digits
+classifier's 8x8: the digits at 32x32 decode to 32x32), they are average-pooled down to it.
 """
 
 from __future__ import annotations
@@ -52,10 +57,14 @@ class FIDHook:
         seed: int = 0,
         reference: tuple[np.ndarray, np.ndarray] | None = None,
         reference_data: Any = None,
+        decoder: Any = None,
     ):
         """``reference``: (mu, sigma); else the network's own, else the statistics of ``reference_data``
-        (an evaluation loader), computed on the mesh at the first evaluation."""
+        (an evaluation loader), computed on the mesh at the first evaluation. ``decoder``: a
+        :class:`~workshop_dist.training.first_stage.FirstStage` whose decodes of the samples are scored."""
         self.engine, self.network, self.every, self.num_samples = engine, network, every, num_samples
+        self.decoder = decoder
+        data_max = decoder.max_value if decoder is not None else data_max
         self.batch_size = inputs.round_up(batch_size, parallel.data_parallel_size(engine.mesh))
         self.sink, self.best, self.seed = sink, best, seed
         self.sampling = tuple(sorted((sampling or {}).items()))
@@ -121,28 +130,37 @@ class FIDHook:
             mask = place((np.arange(self.batch_size) < count).astype(np.float32))
             rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), index)
             sums = self._sample_sums(self.batch_size, params, model_state, self.features.weights, rng, labels, mask,
-                                     shift_on_mesh)
+                                     shift_on_mesh, self.decoder.params if self.decoder is not None else None)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)  # on the device: no sync
         return self.features.to_host(totals, shift)
 
     def data_statistics(self, data: Any) -> fid.FeatureStatistics:
         """Feature statistics of every example of ``data`` (an evaluation loader; padding masked), on the mesh."""
-        batches = (parallel.host_batch_to_global(batch, self.engine.mesh)
+        batches = (self._pixels(parallel.host_batch_to_global(batch, self.engine.mesh))
                    for batch in inputs.eval_batches(data, self.batch_size // jax.process_count()))
         stats = self.features.statistics(batches)
         self.reference_count = stats.count
         return stats
 
+    def _pixels(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """A reference batch as the network scores it: latents decoded, sizes pooled (see the module docstring)."""
+        if self.decoder is None:
+            return batch
+        return {**batch, "image": pool_to(self.decoder.decode_on_mesh(batch["image"]), self.network.image_shape)}
+
     def _sample_feature_sums(self, count: int, params: Any, model_state: Any, weights: Any, rng: jax.Array,
-                             labels: jax.Array | None, mask: jax.Array, shift: jax.Array) -> Any:
+                             labels: jax.Array | None, mask: jax.Array, shift: jax.Array, decoder_params: Any) -> Any:
         images = self._sample(params, model_state, rng, labels, count, self.sampling)
         images = jax.lax.with_sharding_constraint(images, self.engine.batch_sharding)  # features per device
+        if self.decoder is not None:
+            images = pool_to(self.decoder.decode_fn(decoder_params, images), self.network.image_shape)
         return self.features.sums(weights, images, mask, shift)
 
     @classmethod
     def for_run(
         cls, config: EvalConfiguration | None, engine: Engine, *, sink: MetricSink, best: Best, batch_size: int,
         experiment_config: dict[str, Any] | None, reference_data: Any, network: FeatureNetwork | None = None,
+        decoder: Any = None,
     ) -> FIDHook | None:
         """The hook ``config`` asks for (None while ``eval.fid_every`` is null)."""
         if config is None or config.fid_every is None:
@@ -164,6 +182,8 @@ class FIDHook:
             )
         network = network or features.for_run(config, data.source)
         shape = sample_shape(engine, config.sampling)
+        if decoder is not None:  # scored after decoding (and pooling to the network's size)
+            shape = pooled_shape(decoder.image_shape(shape), network.image_shape)
         if not network.scores(shape):  # e.g. a user's model on the digits config: its samples are not 8x8 digits
             log.warning("eval.fid_every is set, but this model's samples are %s, which %s cannot score: no %s is "
                         "computed (set eval.fid_every=null to silence this).", shape, network.metric, network.metric)
@@ -173,7 +193,27 @@ class FIDHook:
             reference = fid.load_statistics(config.reference, network.dim)
         return cls(engine, network, every=config.fid_every, num_samples=config.fid_samples,
                    batch_size=config.fid_batch_size or batch_size, sink=sink, best=best, data_max=data.max_value,
-                   sampling=config.sampling, seed=config.seed, reference=reference, reference_data=reference_data)
+                   sampling=config.sampling, seed=config.seed, reference=reference, reference_data=reference_data,
+                   decoder=decoder)
+
+
+def pooled_shape(shape: tuple[int, ...], target: tuple[int, ...] | None) -> tuple[int, ...]:
+    """``shape`` after :func:`pool_to` ``target``: the target when it divides ``shape`` evenly, else unchanged."""
+    shape = tuple(shape)
+    if target is None or shape == tuple(target) or len(shape) != 3 or shape[-1] != target[-1]:
+        return shape
+    if shape[0] % target[0] or shape[1] % target[1]:
+        return shape
+    return tuple(target)
+
+
+def pool_to(images: jax.Array, target: tuple[int, ...] | None) -> jax.Array:
+    """Images ``[N, H, W, C]`` average-pooled to ``target`` ``(h, w, C)`` when that divides them evenly."""
+    shape = pooled_shape(tuple(images.shape[1:]), target)
+    if shape == tuple(images.shape[1:]):
+        return images
+    (h, w, c), (big_h, big_w, _) = shape, images.shape[1:]
+    return images.reshape(images.shape[0], h, big_h // h, w, big_w // w, c).mean(axis=(2, 4))
 
 
 def sample_shape(engine: Engine, sampling: dict[str, Any]) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
 """A grid of ``cadence.num_samples`` samples at each evaluation: ``WORKDIR/samples/step_<N>.png`` and TensorBoard,
 and the time sampling took in the log (the first time includes compilation).
 
-Conditional models get one row per class. Every process samples (it runs on the whole mesh);
-only the primary writes.
+Conditional models get one row per class. A latent model (``model.decoder``) has its samples decoded
+to pixels by the frozen autoencoder first. Every process samples (it runs on the whole mesh); only
+the primary writes.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ class SamplesHook:
         metrics_logger: MetricsLogger,
         follows: Any = None,
         data_max: float | None = None,
+        decoder: Any = None,
     ):
         """``data_max``: the pixel value shown as white (the top level of integer-level data);
-        None: 1, or the samples' own maximum when it is clearly above 1."""
-        self.engine, self.count, self.directory = engine, count, directory
+        None: 1, or the samples' own maximum when it is clearly above 1. ``decoder``: a
+        :class:`~workshop_dist.training.first_stage.FirstStage` that turns latent samples into pixels."""
+        self.engine, self.count, self.directory, self.decoder = engine, count, directory, decoder
+        data_max = decoder.max_value if decoder is not None else data_max
         self.metrics_logger, self.follows, self.data_max = metrics_logger, follows, data_max
 
     @property
@@ -62,7 +66,7 @@ class SamplesHook:
             labels = np.repeat(np.arange(classes), per_class)
             count, columns = len(labels), per_class
         start = time.perf_counter()
-        images = evaluation.generate(self.engine, state, count, None, labels, {})  # back on the host: done
+        images = evaluation.generate(self.engine, state, count, None, labels, {}, self.decoder)  # on the host: done
         seconds = time.perf_counter() - start
         log.info("Sampled %d images at step %d in %.2f s (the first time includes compilation).", count, step, seconds)
         top = self.data_max
