@@ -105,6 +105,9 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             },
             ema=EMAConfiguration(decay=[0.99, 0.999], eval_decay=0.999, start_step=10, for_eval=False,
                                  posthoc={"sigma_rels": [0.05, 0.1], "snapshot_every": 50}),
+            frozen=["encoder"],
+            init_from={"checkpoint": "/tmp/other_run", "include": ["network"], "exclude": ["network/head"],
+                       "rename": {"backbone": "network"}},
             performance=PerformanceConfiguration(
                 grad_accum_steps=2, steps_per_call=2, data_on_device=True, max_steps_in_flight=3
             ),

@@ -32,10 +32,48 @@ from workshop_dist.optim import OptimizerConfiguration, SchedulerConfiguration
 
 
 class GroupOptimizerConfiguration(OptimizerConfiguration):
-    """One parameter group's optimizer (``training.optimizers.<group>``) and optional own schedule."""
+    """One parameter group's optimizer (``training.optimizers.<group>``) and optional own schedule, or
+    ``frozen: true`` (also spelled ``<group>: frozen``): the group is held fixed (:mod:`workshop_dist.training.frozen`)."""
 
     scheduler: SchedulerConfiguration | None = pydantic.Field(
         None, description="This group's schedule (default: training.scheduler)."
+    )
+    frozen: bool = pydantic.Field(
+        False, description="Hold this group fixed: no gradients, no optimizer state, not in the EMA (still checkpointed)."
+    )
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _frozen_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str) and data.lower() in ("frozen", "none"):
+            return {"frozen": True}
+        return data
+
+    @pydantic.model_validator(mode="after")
+    def _frozen_alone(self) -> GroupOptimizerConfiguration:
+        fields = type(self).model_fields  # a resolved config spells out defaults: only other values count
+        extra = sorted(k for k in self.model_fields_set - {"frozen"} if getattr(self, k) != fields[k].get_default(call_default_factory=True))
+        if self.frozen and extra:
+            raise ValueError(f"a frozen group has no optimizer: remove {extra} (or frozen: true)")
+        return self
+
+
+class InitFromConfiguration(StrictConfig):
+    """``training.init_from``: start the params (all or some) from another run's checkpoint, with a fresh
+    optimizer and step 0 (:mod:`workshop_dist.training.init_from`). A run with its own checkpoint resumes
+    from it and ignores this."""
+
+    checkpoint: str = pydantic.Field(
+        description="A run's workdir, its checkpoints directory, or one step directory (local or gs://); "
+        "a directory of steps gives its latest."
+    )
+    include: list[str] = pydantic.Field(
+        default_factory=lambda: ["*"], description="Patterns over '/'-joined param paths (this model's names) to take."
+    )
+    exclude: list[str] = pydantic.Field(default_factory=list, description="Patterns of params to leave as initialised.")
+    rename: dict[str, str] | list[tuple[str, str]] = pydantic.Field(
+        default_factory=dict,
+        description="Checkpoint name -> this model's name: {from_prefix: to_prefix}, or [[regex, replacement], ...].",
     )
 
 
@@ -252,6 +290,15 @@ class TrainingConfiguration(StrictConfig):
     ema: EMAConfiguration = pydantic.Field(default_factory=EMAConfiguration)
     performance: PerformanceConfiguration = pydantic.Field(default_factory=PerformanceConfiguration)
     checkpoint: TrainingCheckpointConfiguration = pydantic.Field(default_factory=TrainingCheckpointConfiguration)
+    frozen: list[str] = pydantic.Field(
+        default_factory=list,
+        description="Params held fixed, for any model: '/'-joined paths or globs ('encoder', 'backbone/blocks/0'); "
+        "no gradients, no optimizer state, not in the EMA, checkpointed with the run.",
+    )
+    init_from: InitFromConfiguration | None = pydantic.Field(
+        None, description="Initialise params from another run's checkpoint (fresh optimizer, step 0); null: no. "
+        "The run's own checkpoints (a resume) and checkpoint.restore_from (a whole state) win over it."
+    )
 
     _ignore_name = ignored_fields("name")  # the original design passes name=; nothing reads it
 

@@ -75,7 +75,8 @@ class Engine:
         opt_shapes = jax.eval_shape(self._init_opt_state, params)
         opt_shardings = self._opt_shardings(opt_shapes, param_shardings, replicated)
         stored_model_state = jax.eval_shape(self.calls.storable, nnx.to_pure_dict(model_state))
-        ema_on = rule.ema_decay is not None
+        ema_on, held = rule.ema_decay is not None, rule.frozen  # the EMAs average only the trainable params
+        ema_shardings, ema_shapes = held.trainable(param_shardings), held.trainable(params)
         profile_names = [name for name, _, _ in rule.ema_profiles] or None  # None: no profiles, nothing stored
         self.state_shardings = TrainingState(
             step=replicated,
@@ -84,8 +85,8 @@ class Engine:
             rng=replicated,
             best_loss=replicated,
             model_state=jax.tree.map(lambda _: replicated, stored_model_state),
-            ema_params=param_shardings if ema_on else None,
-            ema_profiles={name: param_shardings for name in profile_names} if profile_names else None,
+            ema_params=ema_shardings if ema_on else None,
+            ema_profiles={name: ema_shardings for name in profile_names} if profile_names else None,
         )
         shapes = TrainingState(
             step=jax.ShapeDtypeStruct((), jnp.int32),
@@ -94,8 +95,8 @@ class Engine:
             rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
             best_loss=jax.ShapeDtypeStruct((), jnp.float32),
             model_state=stored_model_state,
-            ema_params=params if ema_on else None,
-            ema_profiles={name: params for name in profile_names} if profile_names else None,
+            ema_params=ema_shapes if ema_on else None,
+            ema_profiles={name: ema_shapes for name in profile_names} if profile_names else None,
         )
         self.state_shapes = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings
@@ -115,7 +116,7 @@ class Engine:
             else:
                 placed = parallel.place(params, param_shardings)  # a copy: the module stays usable
                 placed_model_state = parallel.place(self.calls.storable(nnx.to_pure_dict(model_state)), replicated)
-            copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)
+            copy = jax.jit(lambda p: jax.tree.map(jnp.copy, held.trainable(p)), out_shardings=ema_shardings)
             self.initial_state = TrainingState(
                 step=parallel.place(np.int32(0), replicated),
                 params=placed,
@@ -148,17 +149,20 @@ class Engine:
     # --- Optimizer state per group -----------------------------------------------------------
 
     def _init_opt_state(self, params: Any) -> Any:
-        rule = self.plan.rule
+        rule = self.plan.rule  # only the trainable params have optimizer state
         if rule.group_keys is None:
-            return rule.optimizers[steps.SINGLE].init(params)
-        return {group: rule.optimizers[group].init(params[key]) for group, key in rule.group_keys.items()}
+            return rule.optimizers[steps.SINGLE].init(rule.frozen.trainable(params))
+        return {group: rule.optimizers[group].init(rule.frozen.trainable(params[key], (key,)))
+                for group, key in rule.group_keys.items()}
 
     def _opt_shardings(self, opt_shapes: Any, param_shardings: Any, default: NamedSharding) -> Any:
-        rule = self.plan.rule
+        rule, held = self.plan.rule, self.plan.rule.frozen
         if rule.group_keys is None:
-            return parallel.optimizer_state_shardings(rule.optimizers[steps.SINGLE], opt_shapes, param_shardings, default)
+            tx = rule.optimizers[steps.SINGLE]
+            return parallel.optimizer_state_shardings(tx, opt_shapes, held.trainable(param_shardings), default)
         return {
-            group: parallel.optimizer_state_shardings(rule.optimizers[group], opt_shapes[group], param_shardings[key], default)
+            group: parallel.optimizer_state_shardings(
+                rule.optimizers[group], opt_shapes[group], held.trainable(param_shardings[key], (key,)), default)
             for group, key in rule.group_keys.items()
         }
 
@@ -220,8 +224,10 @@ class Engine:
     # --- Evaluation ---------------------------------------------------------------------------
 
     def eval_params(self, state: TrainingState) -> Any:
-        """The params evaluation and sampling use (the EMA when on)."""
-        return state.ema_params if self.plan.ema_for_eval and state.ema_params is not None else state.params
+        """The params evaluation and sampling use (the EMA when on, with the frozen params beside it)."""
+        if self.plan.ema_for_eval and state.ema_params is not None:
+            return self.plan.rule.frozen.merge(state.ema_params, state.params)
+        return state.params
 
     def empty_totals(self, params: Any, model_state: Any, rng: jax.Array, batch: Batch) -> tuple[Any, jax.Array]:
         """The start of an evaluation pass on the mesh: an empty ``clu.metrics`` collection, batch index 0."""

@@ -24,6 +24,7 @@ from workshop_dist.models import ModelConfiguration, create_model
 from workshop_dist.optim import create_optimizer, create_schedule
 from workshop_dist.training import step as steps
 from workshop_dist.training.config import TrainingConfiguration
+from workshop_dist.training.frozen import frozen_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,13 @@ def make_plan(model: nnx.Module | ModelConfiguration, config: TrainingConfigurat
 def update_rule(model: nnx.Module, config: TrainingConfiguration, total_steps: int | None) -> steps.UpdateRule:
     """Optimizers per parameter group, from ``training.optimizer`` or ``training.optimizers``."""
     declared: Mapping[str, str] | None = getattr(model, "param_groups", None)
+    held = [g for g, opt in (config.optimizers or {}).items() if opt.frozen and declared and g in declared]
+    frozen = frozen_of(model, config.frozen, [declared[g] for g in held])
+    frozen.check(nnx.to_pure_dict(nnx.state(model, nnx.Param)), type(model).__name__)
+    if frozen and config.ema.posthoc is not None:
+        raise ConfigError("training.ema.posthoc with frozen params is not supported yet: drop one of them")
     common = {
+        "frozen": frozen,
         "accum_steps": config.performance.grad_accum_steps,
         "ema_decay": config.ema.primary,
         "ema_start_step": config.ema.start_step,
@@ -89,10 +96,15 @@ def update_rule(model: nnx.Module, config: TrainingConfiguration, total_steps: i
         )
     optimizers, schedules = {}, {}
     for group, opt in config.optimizers.items():
+        if group in held:  # no optimizer, no update
+            del groups[group]
+            continue
         schedules[group] = create_schedule(opt.scheduler or config.scheduler, opt.learning_rate, total_steps)
         optimizers[group] = create_optimizer(opt, schedules[group])
-    order = tuple(getattr(model, "update_order", None) or groups)
+    order = tuple(g for g in getattr(model, "update_order", None) or groups if g not in held)
     unknown = sorted(set(order) - set(groups))
     if unknown:
         raise ConfigError(f"{type(model).__name__}.update_order names unknown groups {unknown}; groups: {sorted(groups)}")
+    if not order:
+        raise ConfigError(f"every parameter group of {type(model).__name__} is frozen: nothing would train")
     return steps.UpdateRule(optimizers, schedules, groups, order, **common)

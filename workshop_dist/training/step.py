@@ -19,6 +19,7 @@ from flax import nnx
 
 from workshop_dist.training import posthoc_ema
 from workshop_dist.training.calls import ModelCalls
+from workshop_dist.training.frozen import Frozen
 from workshop_dist.training.state import TrainingState
 
 Metrics = dict[str, jax.Array]
@@ -43,6 +44,7 @@ class UpdateRule:
     ema_start_step: int = 0
     ema_profiles: tuple[tuple[str, str, float], ...] = ()  # (name, "decay" | "power", decay | gamma)
     skip_nonfinite: bool = False
+    frozen: Frozen = dataclasses.field(default_factory=Frozen)  # params held fixed: no gradients, no optimizer state, not in the EMA
 
 
 def make_train_step(calls: ModelCalls, rule: UpdateRule) -> Callable[[TrainingState, Batch], tuple[TrainingState, Metrics]]:
@@ -61,9 +63,16 @@ def make_train_step(calls: ModelCalls, rule: UpdateRule) -> Callable[[TrainingSt
         for index, group in enumerate(rule.update_order):
             rng = step_key if len(rule.update_order) == 1 else jax.random.fold_in(step_key, index)
             key = rule.group_keys[group] if rule.group_keys else None
-            target = params if key is None else params[key]
+            prefix = () if key is None else (key,)
+            target = rule.frozen.trainable(params if key is None else params[key], prefix)
+
+            def rebuild(trainable: Any, params: Any = params, key: str | None = key, prefix: tuple = prefix) -> Any:
+                """The whole params from the trainable leaves: the frozen ones enter as constants."""
+                inner = rule.frozen.merge(trainable, params if key is None else params[key], prefix)
+                return inner if key is None else {**params, key: inner}
+
             loss, group_metrics, new_model_state, grads = _accumulated_grads(
-                calls, rule.accum_steps, params, key, target, model_state, batch, rng, state.step, group if key else None
+                calls, rule.accum_steps, rebuild, target, model_state, batch, rng, state.step, group if key else None
             )
             grad_norm = optax.tree.norm(grads)
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -78,30 +87,28 @@ def make_train_step(calls: ModelCalls, rule: UpdateRule) -> Callable[[TrainingSt
                 target, group_opt, model_state = jax.lax.cond(ok, apply, keep, None)
             else:
                 target, group_opt, model_state = apply(None)
-            if key is None:
-                params, opt_state = target, group_opt
-            else:
-                params, opt_state = {**params, key: target}, {**opt_state, group: group_opt}
+            params = rebuild(target)
+            opt_state = group_opt if key is None else {**opt_state, group: group_opt}
             finite &= ok
-            prefix = "" if key is None else f"{group}/"
+            tag = "" if key is None else f"{group}/"
             lr = jnp.asarray(rule.schedules[group](state.step), jnp.float32)
             for name, value in {**group_metrics, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr}.items():
-                metrics[prefix + name] = value  # a group updated k times reports its last update
+                metrics[tag + name] = value  # a group updated k times reports its last update
         if rule.group_keys:
             metrics["loss"] = sum(metrics[f"{group}/loss"] for group in dict.fromkeys(rule.update_order))
-        ema = state.ema_params
+        ema, averaged = state.ema_params, rule.frozen.trainable(params)  # the EMAs hold the trainable leaves
         if ema is not None:
             decay = jnp.where(state.step >= rule.ema_start_step, rule.ema_decay, 0.0)
-            ema = optax.incremental_update(params, ema, 1.0 - decay)
+            ema = optax.incremental_update(averaged, ema, 1.0 - decay)
         profiles = state.ema_profiles
         if profiles is not None:
             profiles = dict(profiles)
             for name, kind, value in rule.ema_profiles:
                 if kind == "power":  # after the (step + 1)-th update
-                    profiles[name] = posthoc_ema.power_ema_update(profiles[name], params, state.step + 1, value)
+                    profiles[name] = posthoc_ema.power_ema_update(profiles[name], averaged, state.step + 1, value)
                 else:
                     decay = jnp.where(state.step >= rule.ema_start_step, value, 0.0)
-                    profiles[name] = optax.incremental_update(params, profiles[name], 1.0 - decay)
+                    profiles[name] = optax.incremental_update(averaged, profiles[name], 1.0 - decay)
         metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state, ema_params=ema,
@@ -115,8 +122,7 @@ def make_train_step(calls: ModelCalls, rule: UpdateRule) -> Callable[[TrainingSt
 def _accumulated_grads(
     calls: ModelCalls,
     accum_steps: int,
-    params: Any,
-    key: str | None,
+    rebuild: Callable[[Any], Any],
     target: Any,
     model_state: Any,
     batch: Batch,
@@ -124,15 +130,15 @@ def _accumulated_grads(
     step: jax.Array,
     group: str | None,
 ) -> tuple[jax.Array, Metrics, Any, Any]:
-    """Loss, metrics, new model state and gradients of ``target``, averaged over micro-batches.
+    """Loss, metrics, new model state and gradients of ``target`` (``rebuild(target)``: the whole params),
+    averaged over micro-batches.
 
     A per-example-keys model gets example ``i``'s key ``fold_in(rng, i)`` in whichever
     micro-batch ``i`` lands, so accumulation sees the full batch's noise.
     """
 
     def loss_fn(trainable: Any, model_state: Any, micro: Batch, micro_rng: jax.Array, keys: jax.Array | None):
-        full = trainable if key is None else {**params, key: trainable}
-        model = calls.merge(full, model_state, training=True, rng=jax.random.fold_in(micro_rng, MODEL_RNG_STREAM))
+        model = calls.merge(rebuild(trainable), model_state, training=True, rng=jax.random.fold_in(micro_rng, MODEL_RNG_STREAM))
         loss, metrics = calls.loss(model, micro, micro_rng if keys is None else calls.constrain(keys), step, group)
         return loss, (metrics, calls.model_state(model))
 

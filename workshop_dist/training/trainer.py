@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import parameter_overview
 from flax import nnx
 
 from workshop_dist import hardware, parallel, storage
@@ -25,12 +24,13 @@ from workshop_dist.eval.config import EvalConfiguration
 from workshop_dist.metrics import Logger, MetricsLogger, is_primary
 from workshop_dist.parallel import MeshConfiguration
 from workshop_dist.runlog import RunLog
-from workshop_dist.training import checkpointing, evaluation, inputs, loop
+from workshop_dist.training import checkpointing, evaluation, init_from, inputs, loop
 from workshop_dist.training import feed as feeds
 from workshop_dist.training.clock import Clock
 from workshop_dist.training.config import TrainingConfiguration
 from workshop_dist.training.engine import Engine
 from workshop_dist.training.first_stage import decoder_for
+from workshop_dist.training.frozen import parameter_table
 from workshop_dist.training.hooks import Every
 from workshop_dist.training.hooks.checkpoint import CheckpointHook
 from workshop_dist.training.hooks.evaluate import Best, EvaluateHook
@@ -105,7 +105,7 @@ class Trainer:
         self.step = 0
         self._epochs_done = 0  # counts epochs when their length is unknown
         self.restored_from: int | None = None
-        table = parameter_overview.get_parameter_overview(self.engine.state_shapes.params, include_stats=False)
+        table = parameter_table(self.engine.state_shapes.params, self.engine.plan.rule.frozen)  # frozen ones marked
         self.logger.info("Model parameters:\n%s", table, console=False)
 
         # --- The hooks (the loop's periodic actions) ---------------------------------------------
@@ -128,6 +128,7 @@ class Trainer:
         self.checkpoint_dir = storage.as_path(directory, absolute=False) if directory else (
             self.workdir / "checkpoints" if self.workdir else None)
         self._checkpoints = checkpointing.Checkpoints(self.checkpoint_dir, config.checkpoint)
+        self._state = init_from.initialise(self._state, config.init_from, self.engine, self._checkpoints, self.logger)
         self._contents = checkpointing.Contents(self.experiment_config, self._data_iterator, config.batch_size,
                                                 self.mesh, self._epoch_of)
         self._checkpoint = CheckpointHook(self._checkpoints if self.checkpoint_dir else None, self._contents,
