@@ -69,6 +69,7 @@ def full_config(optimizer: str = "sgd", scheduler: str = "multistep") -> Experim
             dtype="bfloat16",
             param_dtype="bfloat16",
             remat="dots_saveable",
+            decoder="runs/autoencoder",  # a latent model's frozen autoencoder (only read when a Trainer is built)
         ),
         training=TrainingConfiguration(
             batch_size=64,

@@ -10,9 +10,10 @@ record format (:mod:`workshop_dist.data.records`) in the shard layout of ``works
 ``DEST/latents.json`` holds the scale factor and shapes (:mod:`workshop_dist.data.latents`), so
 ``data.source: array_record:DEST/{split}-*.array_record`` with ``data.normalize: latent`` trains on them.
 
-The encoder runs jitted on a data mesh over all local devices, a fixed batch split over it (the
-last batch padded); a draw of ``--store sample`` comes from the example's own key (seed, split,
-index), so the files do not depend on the number of devices. Shards are written under temporary
+The encoder runs jitted on a data mesh over all local devices, ``--batch-size`` images on each
+device per call (the last call padded). The per-device shape is what XLA's kernels depend on, so
+an example's latents are bitwise the same on 1 device as on 8; a draw of ``--store sample`` comes
+from the example's own key (seed, split, index): the files do not depend on the number of devices. Shards are written under temporary
 names and renamed when complete: an interrupted run, repeated, skips the finished shards.
 """
 
@@ -84,7 +85,7 @@ def encode_dataset(
     *,
     shards: int = 1,
     store: str = "moments",
-    batch_size: int = 64,
+    batch_size: int = 16,
     seed: int = 0,
     max_level: float | None = None,
     settings: dict[str, Any] | None = None,
@@ -95,6 +96,7 @@ def encode_dataset(
 
     ``max_level``: the pixel value that is white (default: 16 for the digits, else the image dtype's
     maximum, 1 for float images); images are scaled to the autoencoder's own range from it.
+    ``batch_size``: images per device per call (not divided by the devices: see the module docstring).
     """
     if store not in latents.STORES:
         raise ConfigError(f"--store must be one of {list(latents.STORES)}, got {store!r}")
@@ -102,7 +104,7 @@ def encode_dataset(
         raise ConfigError(f"--shards and --batch-size must be at least 1, got {shards} and {batch_size}")
     mesh = mesh if mesh is not None else parallel.make_mesh(MeshConfiguration(), jax.local_devices())
     stage = stage.placed(mesh)
-    batch_size = -(-batch_size // parallel.data_parallel_size(mesh)) * parallel.data_parallel_size(mesh)
+    batch_size *= parallel.data_parallel_size(mesh)
     dest = Path(dest)
     image_shape, top = _image_shape(dataset, stage), max_level or (16.0 if dataset.source == "digits" else None)
     latent_shape = stage.latent_shape(image_shape)

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="moments: the posterior's mean and log-variance (default; training draws from them); "
                         "sample: one draw per example.")
     encode.add_argument("--shards", type=int, default=1, help="Files per split (default 1).")
-    encode.add_argument("--batch-size", type=int, default=64, help="Images per encoder call, split over the devices.")
+    encode.add_argument("--batch-size", type=int, default=16, help="Images per device per encoder call (default 16; "
+                        "the files are then the same on any number of devices).")
     encode.add_argument("--seed", type=int, default=0, help="The draws of --store sample.")
     encode.add_argument("--max-level", type=float, help="The white pixel value (default: 16 for digits, else the dtype's max).")
     _source_arguments(encode)
