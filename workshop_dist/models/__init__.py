@@ -6,6 +6,7 @@ from workshop_dist.models import autoencoder_gan as autoencoder_gan  # its discr
 from workshop_dist.models import dit as dit  # registers 'dit'
 from workshop_dist.models import flow as flow  # registers 'flow'
 from workshop_dist.models import gan as gan  # registers 'gan'
+from workshop_dist.models import latent as latent  # registers 'latent' (the encoder inside the step)
 from workshop_dist.models import pixelcnn as pixelcnn  # registers 'pixelcnn'
 from workshop_dist.models import unet as unet  # registers 'ddpm_unet'
 from workshop_dist.models import vae
