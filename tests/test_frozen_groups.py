@@ -203,3 +203,11 @@ def test_sigterm_resume_with_frozen_params_is_bit_identical(tmp_path):
     assert oldest < final
     first = checkpoint_arrays(tmp_path / "run" / "checkpoints" / str(oldest))
     np.testing.assert_array_equal(first["params/encoder/kernel"], resumed["params/encoder/kernel"])
+
+
+def test_changing_what_is_frozen_at_a_resume_is_a_shape_change():
+    from workshop_dist.resume_config import ConfigChange, classify
+
+    assert classify(ConfigChange("training.frozen", [], ["encoder"])) == "shape"  # optimizer state and EMA change
+    assert classify(ConfigChange("training.optimizers.encoder.frozen", False, True)) == "shape"
+    assert classify(ConfigChange("training.init_from.checkpoint", "a", "b")) == "harmless"  # read at the first start only

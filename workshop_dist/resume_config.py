@@ -54,6 +54,9 @@ _RULES: tuple[tuple[str, ChangeKind], ...] = (
     ("training.optimizer.optimizer_type", "shape"),
     ("training.optimizers.*.optimizer_type", "shape"),
     ("training.optimizers", "shape"),  # groups appear or disappear
+    ("training.optimizers.*.frozen", "shape"),  # a group's optimizer state and EMA appear or disappear
+    ("training.frozen", "shape"),  # so do those of the params it names
+    ("training.init_from*", "harmless"),  # read only by a run's first start
     ("training.optimizers.*.scheduler*", "schedule"),
     ("training.optimizers.*.learning_rate", "schedule"),
     ("training.optimizer.learning_rate", "schedule"),
