@@ -143,6 +143,8 @@ def test_scale_factor_is_stored_and_batches_hold_scaled_latents(stage, tmp_path)
     assert np.abs(later["image"] - first["image"]).max() > 0
     with pytest.raises(ConfigError, match=r"set data\.normalize: latent"):
         data.make_train_input(config.model_copy(update={"normalize": "unit"}), global_batch_size=8, seed=0)
+    with pytest.raises(ConfigError, match="are about pixels"):
+        data.make_train_input(config.model_copy(update={"max_level": 255.0}), global_batch_size=8, seed=0)
     with pytest.raises(ConfigError, match=r"has no latents\.json"):
         data.make_train_input(DataConfiguration(normalize="latent"), global_batch_size=8, seed=0)
 

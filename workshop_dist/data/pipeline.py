@@ -252,8 +252,8 @@ def _open(config: DataConfiguration, split: str, *, augment: bool = False) -> tu
 
 def _standardize(config: DataConfiguration, source: Source, reader: ExampleReader) -> Standardize | LatentStandardize:
     if source.latents is not None:
-        if config.binarize:
-            raise ConfigError(f"data.binarize thresholds pixels; {source.name} holds latents: remove it")
+        if config.binarize or config.max_level is not None:
+            raise ConfigError(f"data.binarize and data.max_level are about pixels; {source.name} holds latents: remove them")
         return LatentStandardize(float(source.latents["scale_factor"]), source.latents["store"])
     max_level = source.max_level
     if max_level is None:
