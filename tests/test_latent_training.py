@@ -122,3 +122,14 @@ def test_latent_flow_dit_decodes_samples_scores_fd_and_resumes_bit_identically(t
     assert [row["fd"] for row in resumed._fid.history] == fd
     for trainer in (full, resumed):
         trainer.close()
+
+
+def test_decodes_are_pooled_to_the_one_size_a_feature_network_scores():
+    from workshop_dist.training.hooks.fid import pool_to, pooled_shape
+
+    images = np.random.default_rng(0).uniform(size=(2, 32, 32, 1)).astype(np.float32)
+    pooled = np.asarray(pool_to(images, (8, 8, 1)))
+    np.testing.assert_allclose(pooled[1, 2, 3, 0], images[1, 8:12, 12:16, 0].mean(), rtol=1e-6)
+    assert pooled_shape((32, 32, 1), (8, 8, 1)) == (8, 8, 1)
+    assert pooled_shape((30, 32, 1), (8, 8, 1)) == (30, 32, 1)  # not a multiple: left as it is (then not scored)
+    assert pooled_shape((32, 32, 3), (8, 8, 1)) == (32, 32, 3) and pooled_shape((32, 32, 3), None) == (32, 32, 3)
