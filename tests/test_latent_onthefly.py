@@ -1,6 +1,6 @@
 """The on-the-fly latent model (``model_class: latent``): a frozen autoencoder encodes pixels inside the step,
 a flow-matching DiT trains on the latents, samples decode to pixels. Tiny random-weight autoencoders in
-safetensors under tmp_path; nothing is downloaded."""
+safetensors under tmp_path; nothing is downloaded. Every test compiles a convolutional first stage: all slow."""
 
 import json
 import os
@@ -40,7 +40,9 @@ UNIT = DataSpec(normalize="unit")
 
 
 def write_weights(path: Path, seed: int = 3) -> Path:
-    model = Autoencoder(ModelConfiguration(model_class="autoencoder", input_dim=(8, 8, 1), parameters=TINY), rngs=nnx.Rngs(seed))
+    config = ModelConfiguration(model_class="autoencoder", input_dim=(8, 8, 1), parameters=TINY)
+    model = nnx.eval_shape(lambda: Autoencoder(config, rngs=nnx.Rngs(seed)))
+    nnx.update(model, jax.jit(lambda: nnx.state(Autoencoder(config, rngs=nnx.Rngs(seed))))())  # one compiled init
     metadata = {"format": FORMAT, "parameters": json.dumps(TINY), "channels": "1", "source": "test"}
     return write_safetensors(path, model_tensors(model), metadata)
 
@@ -84,6 +86,7 @@ def test_the_autoencoder_is_a_frozen_group_and_samples_are_pixels(weights, tmp_p
         run.close()
 
 
+@pytest.mark.slow  # two trainers, a convolutional first stage compiled on 8 devices
 def test_on_the_fly_training_equals_training_on_pre_encoded_latents(weights):
     """The same backbone trained on pixels encoded in the step and on latents encoded beforehand by
     workshop_dist.training.first_stage (the pre-extraction path): the same params after 3 steps."""
@@ -104,19 +107,25 @@ def test_on_the_fly_training_equals_training_on_pre_encoded_latents(weights):
         theirs.close()
 
 
+@pytest.mark.slow  # compiles the convolutional first stage and the DiT
 def test_posterior_draws_per_example_in_training_and_the_mean_in_evaluation(weights):
     model = create_model(latent_config(weights, encode="sample"), rngs=nnx.Rngs(0))
     images = digits_images()[:16]
-    keys = ExampleKeys.of(jax.random.key(1), 16)
-    mean = model.encode(images)
-    drawn = model.encode(images, keys.fold_in(7))
+
+    @nnx.jit
+    def run(model, images, key):  # one compiled program per mode: eager convolutions are slow
+        keys = ExampleKeys.of(key, 16)
+        mean, drawn, again = model.encode(images), model.encode(images, keys.fold_in(7)), model.encode(images, keys.fold_in(7))
+        return mean, drawn, again, model.example_losses({"image": images}, keys)["loss"], \
+            model.backbone.example_losses({"image": mean}, keys)["loss"]
+
+    mean, drawn, again, losses, on_mean = run(model, images, jax.random.key(1))
     assert drawn.shape == (16, 4, 4, 4) and not np.allclose(drawn, mean)
-    np.testing.assert_array_equal(model.encode(images, keys.fold_in(7)), drawn)  # each example's own key
-    losses = model.example_losses({"image": images}, keys)["loss"]
+    np.testing.assert_array_equal(again, drawn)  # each example's own key
+    assert not np.allclose(losses, on_mean)  # training: the loss of a draw
     model.eval()
-    assert not np.allclose(model.example_losses({"image": images}, keys)["loss"], losses)
-    np.testing.assert_allclose(model.example_losses({"image": images}, keys)["loss"],
-                               model.backbone.example_losses({"image": mean}, keys)["loss"], rtol=1e-6)
+    _, _, _, losses, on_mean = run(model, images, jax.random.key(1))
+    np.testing.assert_allclose(losses, on_mean, rtol=1e-6)  # evaluation: the loss of the mean
     with pytest.raises(ConfigError, match="holds no autoencoder weights"):
         other = write_safetensors(weights.with_name("other.safetensors"), {"w": np.zeros(2, np.float32)}, {"format": "x"})
         create_model(latent_config(other), rngs=nnx.Rngs(0))
