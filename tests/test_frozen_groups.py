@@ -146,6 +146,20 @@ def test_a_frozen_parameter_group_has_no_optimizer_and_trains_like_training_froz
         grouped.close()
 
 
+def test_a_pattern_inside_a_trained_group_freezes_only_those_params():
+    grouped = train(model(GroupedEncoderHead), frozen=["head/bias"],
+                    optimizers={"head": {"learning_rate": 1e-2}, "encoder": {"optimizer_type": "sgd", "learning_rate": 1e-2}})
+    try:
+        params = jax.device_get(grouped.state.params)
+        np.testing.assert_array_equal(params["head"]["bias"], grouped.initial["head"]["bias"])
+        assert not np.allclose(params["head"]["kernel"], grouped.initial["head"]["kernel"])
+        assert not np.allclose(params["encoder"]["kernel"], grouped.initial["encoder"]["kernel"])
+        head = names(grouped.state.opt_state["head"])
+        assert any(name.endswith("kernel") for name in head) and not any(name.endswith("bias") for name in head)
+    finally:
+        grouped.close()
+
+
 def test_frozen_configuration_errors():
     with pytest.raises(ConfigError, match=r"\['decoder'\] match no parameter of EncoderHead .*\['encoder', 'head'\]"):
         Trainer(model(), training_config(frozen=["decoder"]), digits_images(), None, None)

@@ -46,6 +46,9 @@ Optional:
     ``training.optimizers[group]``; one training step applies one update per entry of
     ``update_order`` (``("discriminator", "discriminator", "generator")`` = two discriminator
     updates per generator update), each with the loss ``loss(..., group=name)``.
+``frozen_params: tuple[str, ...]``
+    Params the engine holds fixed whatever the config says (``("autoencoder",)``: a latent model's first
+    stage), as ``training.frozen`` patterns: no gradients, no optimizer state, not in the EMA.
 ``num_classes: int``
     Set by conditional models: sample grids then show one row per class.
 
