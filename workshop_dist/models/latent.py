@@ -78,7 +78,14 @@ def _load(path: str, channels: int) -> nnx.Module:
             raise ConfigError(f"model.parameters.autoencoder: {path} is no weights file, and reading an autoencoder run "
                               "needs workshop_dist.training imported")
         graphdef, state = nnx.split(model)
-        return graphdef, jax.tree.map(np.asarray, jax.device_get(state))
+        return graphdef, jax.tree.map(_host, state)
+
+
+def _host(value: Any) -> np.ndarray:
+    """A host copy; a replicated array over several processes from this process's own copy of it."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(value.addressable_data(0))
+    return np.asarray(value)
 
 
 def first_stage(path: str, channels: int) -> nnx.Module:
