@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = command(["workshop_dist.data.cli", "encode", "--quiet", "--autoencoder", str(autoencoder), "digits",
                        str(latents), "--image-size", "32"], root / "encode.log")
     print(f"encode: 1797 digits in {seconds:.0f} s (the command's wall time)", flush=True)
-    steps = [f"training.length.max_steps={args.steps}", "eval.fid_every=null"]  # scored here, after training
+    # max_steps decides (the epochs' cap lifted); the FD is scored here, after training
+    steps = [f"training.length.max_steps={args.steps}", "training.num_epochs=100000", "eval.fid_every=null"]
     runs = {
         "latent flow DiT (8x8x4 latents of 32x32)": ("configs/latent_flow_dit_digits32.yaml", True, [
             f"model.decoder={autoencoder}", f"data.source=array_record:{latents}/{{split}}-*-of-*.array_record"]),
