@@ -79,6 +79,7 @@ def read_only(path: Path):
         subprocess.run(["umount", str(path)], check=False, capture_output=True)
 
 
+@pytest.mark.slow  # trains through the CLI twice: over 10 s on 2 cores
 def test_a_failed_save_stops_the_run_with_one_message_and_leaves_the_last_checkpoint(tmp_path, capsys):
     workdir = tmp_path / "run"
     assert train(workdir, "training.length.max_steps=2", "training.scheduler=null") == 0
@@ -117,6 +118,7 @@ def test_with_on_error_continue_a_failed_save_is_a_warning_and_training_goes_on(
     assert "Trained 4 steps (2 -> 6)." in out and "(latest: 2)" in out
 
 
+@pytest.mark.slow  # trains through the CLI twice: over 10 s on 2 cores
 def test_an_extended_run_names_the_change_and_keeps_the_learning_rate_continuous(tmp_path, capsys):
     from workshop_dist.optim import SchedulerConfiguration, create_schedule
 

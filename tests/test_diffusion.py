@@ -124,6 +124,7 @@ def test_samplers_return_levels(kind, sampler):
     np.testing.assert_array_equal(images, draw(state, jax.random.key(0)))  # all randomness comes from the key
 
 
+@pytest.mark.slow  # compiles several programs: over 10 s on 2 cores, so it runs in CI's full suite, not the fast set
 def test_guidance_scale_zero_is_unconditional():
     model = build("dit", num_classes=10)
     # Make the labels matter: untrained adaLN-Zero blocks would ignore the condition.
@@ -166,6 +167,7 @@ def test_untrained_bound_on_digits_is_at_least_uniform(prediction):
 
 
 # --- parallelism and rematerialisation ------------------------------------------------------------
+@pytest.mark.slow  # compiles several programs: over 10 s on 2 cores, so it runs in CI's full suite, not the fast set
 def test_dit_attention_and_mlp_are_sharded_over_tensor_and_match_one_device():
     mesh_config = parallel.MeshConfiguration(data=1, fsdp=2, tensor=4)
     mesh = parallel.make_mesh(mesh_config, jax.devices()[:8])
@@ -205,7 +207,7 @@ def test_dit_attention_and_mlp_are_sharded_over_tensor_and_match_one_device():
 
 @pytest.mark.parametrize(
     "kind, remat",
-    [pytest.param("ddpm_unet", "full", marks=pytest.mark.slow), ("dit", "dots_saveable"), ("dit", "nothing_saveable")],
+    [pytest.param("ddpm_unet", "full", marks=pytest.mark.slow), pytest.param("dit", "dots_saveable", marks=pytest.mark.slow), ("dit", "nothing_saveable")],
 )
 def test_remat_gives_the_same_loss_and_gradients(kind, remat):
     batch, key = digits_batch(4), jax.random.key(2)

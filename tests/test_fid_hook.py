@@ -119,6 +119,7 @@ def quick_classifier(monkeypatch):
     monkeypatch.setattr(quality, "train_classifier", lambda seed=0, steps=None: train(seed, 30))
 
 
+@pytest.mark.slow  # trains and scores several times: over 10 s on 2 cores
 def test_training_logs_val_fd_and_keeps_the_best_checkpoint_by_it(tmp_path, quick_classifier):
     config = ExperimentConfiguration.from_dict({}, [
         "training.length.max_steps=4", "training.batch_size=32", "training.cadence.eval_every=2",
@@ -174,6 +175,7 @@ def run_cli(tmp_path, capsys, *overrides: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.slow  # a Trainer per bad input: over 10 s on 2 cores
 def test_bad_fid_inputs_are_one_message_each(tmp_path, capsys):
     from workshop_dist.eval import inception
     from workshop_dist.weights import model_tensors, write_safetensors

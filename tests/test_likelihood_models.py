@@ -72,7 +72,7 @@ def _digits(count: int = 16) -> dict[str, jax.Array]:
     "build",
     [
         pytest.param(lambda: _pixelcnn(), marks=pytest.mark.slow),
-        lambda: _pixelcnn(num_classes=10),
+        pytest.param(lambda: _pixelcnn(num_classes=10), marks=pytest.mark.slow),  # over 10 s on 2 cores
         pytest.param(lambda: _flow(), marks=pytest.mark.slow),
         pytest.param(lambda: _flow(network="mlp", dequantization="variational"), marks=pytest.mark.slow),
         lambda: _vae(likelihood="categorical"),
@@ -251,7 +251,7 @@ def test_iwae_bound_tightens_towards_exact_likelihood(likelihood: str) -> None:
     "build",
     [
         lambda: _pixelcnn(channels=32, output_channels=64),
-        lambda: _flow(channels=32, dequantization="variational"),
+        pytest.param(lambda: _flow(channels=32, dequantization="variational"), marks=pytest.mark.slow),  # conv couplings: 10+ s
         lambda: _flow(network="mlp", channels=64),
         lambda: _vae(hidden=(64,), likelihood="categorical"),
     ],

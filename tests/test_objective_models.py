@@ -59,6 +59,7 @@ def test_each_example_loss_depends_on_its_own_key_alone(network, objective):
     assert np.all(np.asarray(four["loss"]) > 0)
 
 
+@pytest.mark.slow  # compiles several programs: over 10 s on 2 cores, so it runs in CI's full suite, not the fast set
 def test_evaluation_drops_no_labels():
     model = build("dit", "flow_matching", num_classes=10, label_dropout=1.0)
     # the condition matters: perturb the zero-initialised adaLN and output layers

@@ -65,6 +65,7 @@ def test_the_profiles_resume_from_a_checkpoint(tmp_path):
     resumed.close()
 
 
+@pytest.mark.slow  # trains, then reconstructs through the CLI: over 10 s on 2 cores
 def test_the_command_reconstructs_widths_and_explains_what_is_missing(tmp_path, capsys):
     workdir = tmp_path / "run"
     assert cli.main(["--workdir", str(workdir), "--quiet", "training.num_epochs=1", "training.cadence.num_samples=0",
