@@ -77,10 +77,9 @@ class Trainer:
         self.workdir = storage.as_path(workdir, absolute=False) if workdir is not None else None  # local or gs://
         self.experiment_config = dict(experiment_config) if experiment_config is not None else None
         self.val_data_loader = val_data_loader
-        self.logger = logger or Logger(self.workdir / "logs" if self.workdir else None)
-        self.metrics_logger = metrics_logger or (
-            MetricsLogger(self.workdir / "logs") if self.workdir else MetricsLogger("", enabled=False)
-        )
+        logs = self.workdir / "logs" if self.workdir else None
+        self.logger = logger or Logger(logs)
+        self.metrics_logger = metrics_logger or MetricsLogger(logs or "", enabled=None if logs else False)
         if self.experiment_config is not None:
             self.metrics_logger.log_hparams(self.experiment_config)
 
