@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -147,3 +148,27 @@ def small_tmpfs(path: Path, size: str = "2m"):
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=False, capture_output=True)
+
+
+def interrupt_then_resume(make_trainer, workdir: Path, stop: int):
+    """A run SIGTERMed (to this process, caught by the real watcher) once it logs step ``stop``,
+    then a new Trainer restored from its checkpoint: ``(interrupted_step, resumed)``, not yet fitted.
+
+    ``make_trainer(workdir, preemption=None, log_callback=None)`` builds the run's Trainer."""
+    from workshop_dist.training.preemption import Preempted, PreemptionWatcher
+
+    watcher = PreemptionWatcher().install()
+    try:
+        def sigterm_at(step, metrics, prefix):
+            if prefix == "train" and step >= stop and watcher.signal_name is None:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        interrupted = make_trainer(workdir, watcher, sigterm_at)
+        with pytest.raises(Preempted):
+            interrupted.fit()
+        interrupted.close()
+    finally:
+        watcher.uninstall()
+    resumed = make_trainer(workdir)
+    assert resumed.restore() == interrupted.step
+    return interrupted.step, resumed

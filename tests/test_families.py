@@ -1,8 +1,7 @@
 """Every model family's config through the one engine: sharded training, SIGTERM resume, evaluation,
 sampling, and the CLI's --dry-run. Each config runs as written, shortened to a few steps."""
 
-import os
-import signal
+import functools
 from pathlib import Path
 
 import jax
@@ -10,11 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.helpers import interrupt_then_resume
 from workshop_dist import cli, data
 from workshop_dist.experiment import ExperimentConfiguration
 from workshop_dist.parallel import make_mesh
 from workshop_dist.training import Trainer
-from workshop_dist.training.preemption import Preempted, PreemptionWatcher
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains a whole family
 
@@ -91,21 +90,8 @@ def test_family_trains_sharded_resumes_after_sigterm_and_samples(name, tmp_path)
         assert full.state.ema_params is not None
 
     # 2. SIGTERM (to this process, caught by the real watcher) mid-run, then resume: bit-identical.
-    watcher = PreemptionWatcher().install()
-    try:
-        def sigterm_at(step, metrics, prefix):
-            if prefix == "train" and step >= STOP and watcher.signal_name is None:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        interrupted = make_trainer(config, tmp_path / "run", watcher, sigterm_at)
-        with pytest.raises(Preempted):
-            interrupted.fit()
-        interrupted.close()
-    finally:
-        watcher.uninstall()
-    assert STOP <= interrupted.step < STEPS
-    resumed = make_trainer(config, tmp_path / "run")
-    assert resumed.restore() == interrupted.step
+    stopped, resumed = interrupt_then_resume(functools.partial(make_trainer, config), tmp_path / "run", STOP)
+    assert STOP <= stopped < STEPS
     resumed.fit()
     assert resumed.step == full.step == STEPS
     for a, b in zip(host(resumed.state), host(full.state), strict=True):

@@ -2,8 +2,7 @@
 flow-matching DiT trained on encoded digits on 8 devices with decoded sample grids and val/fd, and
 its bit-identical resume after a SIGTERM; the shipped latent config fits the autoencoder config."""
 
-import os
-import signal
+import functools
 from pathlib import Path
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import checkpoint_arrays
+from tests.helpers import checkpoint_arrays, interrupt_then_resume
 from tests.test_autoencoder import TINY, build
 from tests.test_encode import small_digits, write_weights
 from workshop_dist import data
@@ -20,7 +19,6 @@ from workshop_dist.experiment import ExperimentConfiguration
 from workshop_dist.models import create_model
 from workshop_dist.training import Trainer
 from workshop_dist.training.first_stage import FirstStageError, load_first_stage
-from workshop_dist.training.preemption import Preempted, PreemptionWatcher
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, STOP = 8, 4
@@ -100,21 +98,8 @@ def test_latent_flow_dit_decodes_samples_scores_fd_and_resumes_bit_identically(t
     assert saved and not any("quant_conv" in name or "mid_block" in name for name in saved)  # the decoder is not saved
     assert len(saved) == len(jax.tree.leaves(full.state))
 
-    watcher = PreemptionWatcher().install()
-    try:
-        def sigterm_at(step, metrics, prefix):
-            if prefix == "train" and step >= STOP and watcher.signal_name is None:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        interrupted = make_trainer(config, tmp_path / "run", watcher, sigterm_at)
-        with pytest.raises(Preempted):
-            interrupted.fit()
-        interrupted.close()
-    finally:
-        watcher.uninstall()
-    assert STOP <= interrupted.step < STEPS
-    resumed = make_trainer(config, tmp_path / "run")
-    assert resumed.restore() == interrupted.step
+    stopped, resumed = interrupt_then_resume(functools.partial(make_trainer, config), tmp_path / "run", STOP)
+    assert STOP <= stopped < STEPS
     resumed.fit()
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed.state)), jax.tree.leaves(jax.device_get(full.state)),
                     strict=True):
