@@ -110,9 +110,9 @@ class Engine:
                     _, p, ms = nnx.split(plan.build(), nnx.Param, ...)
                     return nnx.to_pure_dict(p), self.calls.storable(nnx.to_pure_dict(ms))
 
-                placed, placed_model_state = jax.jit(
-                    init, out_shardings=(param_shardings, self.state_shardings.model_state)
-                )()
+                placed, placed_model_state = run_once(
+                    jax.jit(init, out_shardings=(param_shardings, self.state_shardings.model_state)), mesh
+                )
             else:
                 placed = parallel.place(params, param_shardings)  # a copy: the module stays usable
                 placed_model_state = parallel.place(self.calls.storable(nnx.to_pure_dict(model_state)), replicated)
@@ -279,3 +279,15 @@ def _lean(steps_fn: Any) -> Any:
         return _carry(state), metrics
 
     return lean
+
+
+def run_once(program: Any, mesh: Any) -> Any:
+    """Run a jitted program with no arguments that runs once per process (the sharded initialisation).
+
+    On CPU it is compiled without LLVM's optimisations: running it takes milliseconds either way,
+    but the optimised compilation of its random initialisers does not (the 32x32 autoencoder's:
+    80 s against 9 s on 2 cores; the digits U-Net's: 23 s against 6 s).
+    """
+    cpu = all(device.platform == "cpu" for device in mesh.devices.flat)
+    options = {"xla_backend_optimization_level": 0} if cpu else {}
+    return program.lower().compile(compiler_options=options)()
