@@ -27,7 +27,10 @@ def write_holder(workdir: Path, **fields) -> None:
 
 
 def read_lock(workdir: Path) -> dict:
-    return json.loads((workdir / LOCK_FILE).read_text())
+    """The lock's content as another job reads it: under the shared flock, never mid-rewrite."""
+    data, _ = versioned_file.versioned_file(workdir / LOCK_FILE).read()
+    assert data is not None, "no lock file"
+    return data
 
 
 def test_the_lock_names_its_holder_and_is_refreshed_then_released(tmp_path):
