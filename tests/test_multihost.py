@@ -182,6 +182,22 @@ def test_real_processes_read_disjoint_parts_that_cover_the_split(tmp_path):
     assert set(ids[0]) | set(ids[1]) == set(range(1000))
 
 
+def test_every_process_trains_the_same_digits_classifier(tmp_path):
+    """The FID hook's feature network when it is not cached: each process trains it on a device of its
+    own (process 0's first device is not addressable from process 1) and gets the same one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    script = f"{sys.executable} {REPO / 'tests' / 'multihost_classifier.py'}"
+    result = subprocess.run(
+        [sys.executable, "-m", "workshop_dist.launcher", "local", "--processes", "2", "--program", script,
+         "--", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    features = [np.load(tmp_path / f"features_{i}.npy") for i in range(2)]
+    assert features[0].shape[0] == 16 and np.isfinite(features[0]).all() and features[0].std() > 0
+    np.testing.assert_array_equal(features[0], features[1])
+
+
 def test_data_axis_over_hosts_with_dcn_data(tmp_path):
     run = Launch(2, 4, tmp_path, "mesh.data=2", "mesh.fsdp=4", "mesh.dcn_data=2", "training.length.max_steps=5")
     assert run.finish() == 0, run.output[-4000:]

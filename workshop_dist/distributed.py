@@ -71,7 +71,10 @@ class DistributedConfiguration(StrictConfig):
         300, ge=1, description="How long to wait for all processes to join."
     )
     shutdown_timeout_seconds: int = pydantic.Field(
-        60, ge=1, description="How long shutdown waits for the other processes to finish."
+        300,
+        ge=1,
+        description="How long shutdown waits for the other processes to finish (JAX's default: a process "
+        "slowed down by a busy host reaches the end late, a dead one is caught by the heartbeat).",
     )
     cpu_collectives: Literal["gloo", "mpi"] = pydantic.Field(
         "gloo", description="Cross-process collectives on the CPU backend."

@@ -154,7 +154,7 @@ def _train_classifier(seed: int, steps: int | None) -> Classifier:
     from an initialisation seeded by ``seed``, for a fixed number of epochs, all in one jitted
     scan on the first CPU device: the same seed always gives the same feature map.
     """
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # jax.devices()[0] is process 0's: not addressable elsewhere
     train, test = load_digits_split("train"), load_digits_split("test")
     with jax.default_device(cpu):
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: DigitsCNN(rngs=nnx.Rngs(seed))))

@@ -68,7 +68,7 @@ def write_safetensors(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # processes writing the same file do not mix
     arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
     try:
         save_file(arrays, str(partial), metadata=dict(metadata) if metadata else None)
