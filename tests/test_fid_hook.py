@@ -201,9 +201,43 @@ def test_bad_fid_inputs_are_one_message_each(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "64-d features" in err and "2048-d" in err, err
 
 
-def test_the_digits_classifier_refuses_resized_digits(tmp_path, capsys):
-    code, err = run_cli(tmp_path, capsys, "eval.fid_every=1", "data.image_size=16", "model.input_dim=[16,16,1]")
+def test_the_digits_classifier_refuses_digits_resized_to_other_than_multiples_of_8(tmp_path, capsys):
+    code, err = run_cli(tmp_path, capsys, "eval.fid_every=1", "data.image_size=12", "model.input_dim=[12,12,1]")
     assert code == 2 and err.count("\n") == 1 and "eval.features=digits scores 8x8 digits" in err, err
+
+
+@pytest.mark.slow  # a training run with its FID hook: about 10 s on 2 cores
+def test_a_pixel_model_of_the_digits_at_16x16_logs_val_fd(tmp_path, capsys, quick_classifier):
+    code, err = run_cli(tmp_path, capsys, "eval.fid_every=2", "data.image_size=16", "model.input_dim=[16,16,1]")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run0" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    scores = [row["val/fd"] for row in rows if "val/fd" in row]
+    assert len(scores) == 1 and np.isfinite(scores[0]) and scores[0] > 0
+
+
+def test_images_a_multiple_of_the_scored_size_are_average_pooled_to_it(caplog):
+    """A pixel model of 16x16 images, a network of 8x8 ones: samples and reference data are pooled 2x2,
+    the same as pooling them by hand on the host."""
+    graphdef, weights = nnx.split(TinyFeatures(nnx.Rngs(0)))
+    network = FeatureNetwork("fd", 16, graphdef, weights, image_shape=(8, 8, 1))
+    trainer = Trainer(tiny_model_config(input_dim=(16, 16, 1)), training_config(batch_size=16),
+                      np.zeros((16, 16, 16, 1), np.float32), None, None)
+    with captured(caplog):
+        hook = FIDHook.for_run(EvalConfiguration(fid_every=1, fid_samples=16), trainer.engine, sink=Sink(), best=Best(),
+                               batch_size=16, experiment_config=None, reference_data=None, network=network)
+    assert hook is not None and "samples of 16x16x1 are average-pooled" in caplog.text
+
+    def by_hand(images):
+        pooled = np.asarray(images).reshape(-1, 8, 2, 8, 2, 1).mean(axis=(2, 4))
+        return fid.FeatureStatistics.of(np.asarray(network.apply(network.weights, np.clip(pooled, 0, 1))))
+
+    samples = hook._sample(trainer.engine.eval_params(trainer.state), trainer.state.model_state,
+                           jax.random.fold_in(jax.random.PRNGKey(hook.seed), 0), None, 16, hook.sampling)
+    on_mesh, on_host = hook.sample_statistics(trainer.state), by_hand(samples)
+    np.testing.assert_allclose(on_mesh.mean(), on_host.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(on_mesh.covariance(), on_host.covariance(), rtol=1e-4, atol=1e-6)
+    images = np.random.default_rng(0).uniform(0, 1, (20, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(hook.data_statistics(images).mean(), by_hand(images).mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_samples_the_network_cannot_score_turn_the_hook_off_with_a_warning(caplog):

@@ -10,8 +10,9 @@ run compare; conditional models get class-balanced labels.
 
 A latent model (``model.decoder``) has its samples decoded to pixels by the frozen autoencoder in the
 same program, and those are scored (reference data from the evaluation split is decoded likewise).
-When the decoded images are an integer multiple of the one size a network scores (the digits
-classifier's 8x8: the digits at 32x32 decode to 32x32), they are average-pooled down to it.
+When the images (a pixel model's samples, or the decoded ones) are an integer multiple of the one
+size a network scores (the digits classifier's 8x8: the digits at ``data.image_size`` 32), they are
+average-pooled down to it, so pixel and latent models of the 32x32 digits are scored alike.
 """
 
 from __future__ import annotations
@@ -144,17 +145,16 @@ class FIDHook:
 
     def _pixels(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """A reference batch as the network scores it: latents decoded, sizes pooled (see the module docstring)."""
-        if self.decoder is None:
-            return batch
-        return {**batch, "image": pool_to(self.decoder.decode_on_mesh(batch["image"]), self.network.image_shape)}
+        images = batch["image"] if self.decoder is None else self.decoder.decode_on_mesh(batch["image"])
+        return {**batch, "image": pool_to(images, self.network.image_shape)}
 
     def _sample_feature_sums(self, count: int, params: Any, model_state: Any, weights: Any, rng: jax.Array,
                              labels: jax.Array | None, mask: jax.Array, shift: jax.Array, decoder_params: Any) -> Any:
         images = self._sample(params, model_state, rng, labels, count, self.sampling)
         images = jax.lax.with_sharding_constraint(images, self.engine.batch_sharding)  # features per device
         if self.decoder is not None:
-            images = pool_to(self.decoder.decode_fn(decoder_params, images), self.network.image_shape)
-        return self.features.sums(weights, images, mask, shift)
+            images = self.decoder.decode_fn(decoder_params, images)
+        return self.features.sums(weights, pool_to(images, self.network.image_shape), mask, shift)
 
     @classmethod
     def for_run(
@@ -175,15 +175,20 @@ class FIDHook:
                 "eval.inception_weights to a file made with `workshop-data convert-weights inception "
                 "pt_inception-2015-12-05-6726825d.pth OUT.safetensors`, or eval.fid_every=null.", data.source)
             return None
-        if network is None and config.resolved_features(data.source) == "digits" and data.image_size not in (None, 8):
+        if network is None and config.resolved_features(data.source) == "digits" and (data.image_size or 8) % 8:
             raise fid.FIDError(
-                f"eval.features=digits scores 8x8 digits, but data.image_size={data.image_size}: set eval.fid_every=null, "
-                "or eval.features=inception with eval.inception_weights"
+                f"eval.features=digits scores 8x8 digits (or multiples of 8, average-pooled to 8x8), but "
+                f"data.image_size={data.image_size}: set eval.fid_every=null, or eval.features=inception with "
+                "eval.inception_weights"
             )
         network = network or features.for_run(config, data.source)
         shape = sample_shape(engine, config.sampling)
-        if decoder is not None:  # scored after decoding (and pooling to the network's size)
-            shape = pooled_shape(decoder.image_shape(shape), network.image_shape)
+        if decoder is not None:  # scored after decoding
+            shape = decoder.image_shape(shape)
+        if pooled_shape(shape, network.image_shape) != tuple(shape):
+            log.info("%s scores %s images: samples of %s are average-pooled to it.", network.metric,
+                     "x".join(map(str, network.image_shape)), "x".join(map(str, shape)))
+            shape = pooled_shape(shape, network.image_shape)
         if not network.scores(shape):  # e.g. a user's model on the digits config: its samples are not 8x8 digits
             log.warning("eval.fid_every is set, but this model's samples are %s, which %s cannot score: no %s is "
                         "computed (set eval.fid_every=null to silence this).", shape, network.metric, network.metric)
