@@ -167,15 +167,20 @@ def test_killing_one_process_stops_the_other_quickly_and_the_job_resumes(tmp_pat
     assert steps(tmp_path)[-1] == STEPS
 
 
-def test_real_processes_read_disjoint_parts_that_cover_the_split(tmp_path):
+def run_program(name: str, out_dir: Path) -> None:
+    """``tests/<name>`` in 2 processes under ``workshop-launch local --program``, given ``out_dir``; it must succeed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    script = f"{sys.executable} {REPO / 'tests' / 'multihost_data_ids.py'}"
+    script = f"{sys.executable} {REPO / 'tests' / name}"
     result = subprocess.run(
         [sys.executable, "-m", "workshop_dist.launcher", "local", "--processes", "2", "--program", script,
-         "--", str(tmp_path)],
+         "--", str(out_dir)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_real_processes_read_disjoint_parts_that_cover_the_split(tmp_path):
+    run_program("multihost_data_ids.py", tmp_path)
     ids = [json.loads((tmp_path / f"ids_{i}_of_2.json").read_text()) for i in range(2)]
     assert len(ids[0]) == len(ids[1]) == 500
     assert not set(ids[0]) & set(ids[1])
@@ -185,14 +190,7 @@ def test_real_processes_read_disjoint_parts_that_cover_the_split(tmp_path):
 def test_every_process_trains_the_same_digits_classifier(tmp_path):
     """The FID hook's feature network when it is not cached: each process trains it on a device of its
     own (process 0's first device is not addressable from process 1) and gets the same one."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    script = f"{sys.executable} {REPO / 'tests' / 'multihost_classifier.py'}"
-    result = subprocess.run(
-        [sys.executable, "-m", "workshop_dist.launcher", "local", "--processes", "2", "--program", script,
-         "--", str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_program("multihost_classifier.py", tmp_path)
     features = [np.load(tmp_path / f"features_{i}.npy") for i in range(2)]
     assert features[0].shape[0] == 16 and np.isfinite(features[0]).all() and features[0].std() > 0
     np.testing.assert_array_equal(features[0], features[1])

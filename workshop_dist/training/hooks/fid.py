@@ -185,10 +185,11 @@ class FIDHook:
         shape = sample_shape(engine, config.sampling)
         if decoder is not None:  # scored after decoding
             shape = decoder.image_shape(shape)
-        if pooled_shape(shape, network.image_shape) != tuple(shape):
+        pooled = pooled_shape(shape, network.image_shape)
+        if pooled != tuple(shape):
             log.info("%s scores %s images: samples of %s are average-pooled to it.", network.metric,
-                     "x".join(map(str, network.image_shape)), "x".join(map(str, shape)))
-            shape = pooled_shape(shape, network.image_shape)
+                     "x".join(map(str, pooled)), "x".join(map(str, shape)))
+            shape = pooled
         if not network.scores(shape):  # e.g. a user's model on the digits config: its samples are not 8x8 digits
             log.warning("eval.fid_every is set, but this model's samples are %s, which %s cannot score: no %s is "
                         "computed (set eval.fid_every=null to silence this).", shape, network.metric, network.metric)
