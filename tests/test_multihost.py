@@ -201,3 +201,13 @@ def test_data_axis_over_hosts_with_dcn_data(tmp_path):
     assert run.finish() == 0, run.output[-4000:]
     assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in run.output
     assert steps(tmp_path)[-1] == 5
+
+
+def test_a_peer_late_to_its_first_computation_is_waited_for(tmp_path):
+    """Process 1 starts a cross-process computation 35 s after process 0 (a CPU collective alone gives
+    up after 30 s): each new signature is compiled, then met at a barrier, once."""
+    run_program("multihost_late_peer.py", tmp_path)
+    for i in range(2):
+        result = json.loads((tmp_path / f"process_{i}.json").read_text())
+        assert result["sums"] == [28.0, 28.0, 15.0]
+        assert result["barriers"] == 2  # the signatures (8,) and (6,); the repeated call passed none

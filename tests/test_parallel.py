@@ -1,6 +1,7 @@
 """Mesh construction, parameter/batch placement, and SPMD equivalence with one device."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -100,3 +101,22 @@ def test_sharded_step_matches_single_device_step():
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float sums reorder across shards
     assert len(single.state.params["encoder"][0]["kernel"].sharding.device_set) == 1
+
+
+def test_compiled_together_is_the_jitted_function_in_one_process():
+    """One process: the same results as jit, no barrier, no compilation ahead; ``lower`` passes through."""
+    jitted = jax.jit(lambda x, k: x * k, static_argnums=1)
+    together = parallel.CompiledTogether(jitted, "scale")
+    before = next(parallel._barrier_numbers)
+    x = jnp.arange(4.0)
+    np.testing.assert_array_equal(together(x, 3), jitted(x, 3))
+    assert next(parallel._barrier_numbers) == before + 1  # only the two next() calls here moved it
+    assert together.lower(x, 3).as_text() == jitted.lower(x, 3).as_text()
+
+
+def test_signatures_tell_apart_what_jit_compiles_separately():
+    x = jnp.zeros((2, 3))
+    same = parallel._signature((x, 1))
+    assert parallel._signature((jnp.ones((2, 3)), 1)) == same  # values of arrays do not matter
+    for other in ((jnp.zeros((3, 2)), 1), (x.astype(jnp.int32), 1), (x, 2), ({"a": x}, 1)):
+        assert parallel._signature(other) != same

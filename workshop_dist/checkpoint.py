@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pydantic
 from orbax.checkpoint import checkpoint_managers as policies
 
-from workshop_dist import save_failures, storage
+from workshop_dist import parallel, save_failures, storage
 from workshop_dist.config import StrictConfig, WorkshopError
 from workshop_dist.save_failures import CheckpointSaveError, SaveGuard  # noqa: F401 -- re-exported
 
@@ -393,7 +393,4 @@ def _remove_tree(path: storage.AnyPath) -> None:
 
 
 def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    parallel.barrier(name)

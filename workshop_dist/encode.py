@@ -173,8 +173,9 @@ class _Encoder:
         self.stage, self.store, self.batch_size, self.seed = stage, store, batch_size, seed
         self.sharding = parallel.batch_sharding(mesh)
         replicated = parallel.replicated(mesh)
-        self._fn = jax.jit(self._encode, in_shardings=(replicated, self.sharding, self.sharding, replicated),
-                           out_shardings=self.sharding)
+        self._fn = parallel.CompiledTogether(jax.jit(
+            self._encode, in_shardings=(replicated, self.sharding, self.sharding, replicated), out_shardings=self.sharding
+        ), "encode")
 
     def _encode(self, params: Any, images: jax.Array, indices: jax.Array, key: jax.Array) -> jax.Array:
         mean, logvar = self.stage.encode_fn(params, images)

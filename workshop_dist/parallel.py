@@ -10,8 +10,9 @@ needs sharding code of its own.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -250,3 +251,62 @@ def place(tree: Any, shardings: Any) -> Any:
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
     return jax.tree.map(one, tree, shardings)
+
+
+# A peer still compiling is waited for this long (big programs take minutes to compile on TPUs);
+# a dead peer is caught sooner, by the coordination service's heartbeat.
+BARRIER_TIMEOUT_SECONDS = 1800
+_barrier_numbers = itertools.count()
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches this point: the coordination service's barrier, not a device
+    collective (on CPU a collective gives up when a peer is 30 s late). No-op in one process."""
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    # Each barrier id is used once; processes pass their barriers in the same order, so they agree.
+    multihost.sync_global_processes(
+        f"workshop-{next(_barrier_numbers)}-{name}", timeout=BARRIER_TIMEOUT_SECONDS,
+        processes=set(range(jax.process_count())),
+    )
+
+
+class CompiledTogether:
+    """A jitted function that, in a multi-process run, compiles each new input signature on every
+    process before any process runs it.
+
+    A computation's first cross-process collective waits only 30 s for a late peer on CPU (XLA's Gloo
+    contexts), and a peer still compiling is late: under load, or when the persistent compilation
+    cache answers one process and not the other. So the first call of each signature is compiled
+    ahead (``lower(...).compile()``, which jit then reuses) and followed by a :func:`barrier`. In one
+    process it is the jitted function itself, at no cost. Everything else (``lower``, ...) passes through.
+    """
+
+    def __init__(self, jitted: Callable[..., Any], name: str):
+        self._jitted, self._name = jitted, name
+        self._signatures: set[tuple] = set()
+        self._together: bool | None = None  # known at the first call (after jax.distributed.initialize)
+
+    def __call__(self, *args: Any) -> Any:
+        if self._together is None:
+            self._together = jax.process_count() > 1
+        if self._together:  # the signature costs tens of microseconds: multi-process runs only
+            signature = _signature(args)
+            if signature not in self._signatures:
+                self._jitted.lower(*args).compile()
+                barrier(f"compiled-{self._name}")
+                self._signatures.add(signature)
+        return self._jitted(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._jitted, name)
+
+
+def _signature(args: Any) -> tuple:
+    """What jit compiles for: each array's shape, dtype and sharding, and every other argument's value."""
+    leaves, structure = jax.tree.flatten(args)
+    return structure, tuple(
+        (leaf.shape, leaf.dtype, getattr(leaf, "sharding", None)) if hasattr(leaf, "shape") else leaf for leaf in leaves
+    )

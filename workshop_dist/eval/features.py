@@ -60,8 +60,9 @@ class OnMesh:
         self.replicated = parallel.replicated(mesh)
         self.partial = parallel.batch_sharding(mesh)  # the leading (shard) axis over the batch axes
         self.weights = parallel.place(network.weights, jax.tree.map(lambda _: self.replicated, network.weights))
-        self._sums = jax.jit(self.sums, out_shardings=self.partial)
-        self._reduce = jax.jit(lambda totals: jax.tree.map(lambda x: x.sum(axis=0), totals), out_shardings=self.replicated)
+        self._sums = parallel.CompiledTogether(jax.jit(self.sums, out_shardings=self.partial), "features")
+        self._reduce = parallel.CompiledTogether(jax.jit(
+            lambda totals: jax.tree.map(lambda x: x.sum(axis=0), totals), out_shardings=self.replicated), "features-reduce")
 
     def sums(self, weights: Any, images: jax.Array, mask: jax.Array, shift: jax.Array) -> Any:
         """Per-shard ``(count, sum(x - shift), sum((x - shift)(x - shift)^T))`` of images in the data's range

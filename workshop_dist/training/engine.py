@@ -134,8 +134,10 @@ class Engine:
         self.train_step = steps.make_train_step(self.calls, rule)
         self.eval_sums = steps.make_eval_sums(self.calls)
         eval_in = (param_shardings, self.state_shardings.model_state, replicated, self.batch_sharding, replicated)
-        self.eval_step = jax.jit(self._accumulate, in_shardings=eval_in, out_shardings=replicated)
-        self.sample = jax.jit(steps.make_sample_fn(self.calls), static_argnums=(4, 5), out_shardings=replicated)
+        self.eval_step = parallel.CompiledTogether(
+            jax.jit(self._accumulate, in_shardings=eval_in, out_shardings=replicated), "eval")
+        self.sample = parallel.CompiledTogether(
+            jax.jit(steps.make_sample_fn(self.calls), static_argnums=(4, 5), out_shardings=replicated), "sample")
         self._programs: dict[tuple, TrainProgram] = {}
         self.batch_spec = None if batch_spec is None else self.global_spec(batch_spec)
         self._main = self.program(self.batch_spec) if batch_spec else None  # the training input's (no lookup per call)
@@ -186,10 +188,12 @@ class Engine:
             carry = _carry(self.state_shardings)
             self._programs[key] = TrainProgram(
                 names,
-                jax.jit(_lean(train_steps), in_shardings=(carry, replicated, self.stacked_sharding),
-                        out_shardings=(carry, replicated), donate_argnums=0),
-                jax.jit(_lean(on_device), in_shardings=(carry, replicated, None, replicated),
-                        out_shardings=(carry, replicated), donate_argnums=0),
+                parallel.CompiledTogether(jax.jit(
+                    _lean(train_steps), in_shardings=(carry, replicated, self.stacked_sharding),
+                    out_shardings=(carry, replicated), donate_argnums=0), "train"),
+                parallel.CompiledTogether(jax.jit(
+                    _lean(on_device), in_shardings=(carry, replicated, None, replicated),
+                    out_shardings=(carry, replicated), donate_argnums=0), "train-on-device"),
             )
         return self._programs[key]
 

@@ -71,7 +71,8 @@ class FIDHook:
         self.sampling = tuple(sorted((sampling or {}).items()))
         self._reference, self.reference_data = reference, reference_data
         self.features = OnMesh(network, engine.mesh, data_max=data_max)
-        self._sample_sums = jax.jit(self._sample_feature_sums, static_argnums=(0,), out_shardings=self.features.partial)
+        self._sample_sums = parallel.CompiledTogether(
+            jax.jit(self._sample_feature_sums, static_argnums=(0,), out_shardings=self.features.partial), "fid-samples")
         self._sample = steps.make_sample_fn(engine.calls)
         self.last_step: int | None = None
         self.history: list[dict[str, float]] = []
