@@ -77,3 +77,30 @@ def test_to_levels():
     np.testing.assert_allclose(quality.to_levels(x, "levels"), x)
     with pytest.raises(ValueError, match="normalize"):
         quality.to_levels(x, "bits")
+
+
+def test_processes_that_need_the_classifier_together_train_it_once(tmp_path, monkeypatch):
+    # Two threads stand for two processes (flock holds per open file): the second waits for the
+    # first one's training, then loads what it wrote instead of training it again.
+    import threading
+    import time
+
+    monkeypatch.setenv("WORKSHOP_CACHE_DIR", str(tmp_path))
+    trained, train = [], quality._train_classifier
+
+    def train_briefly(seed, steps):
+        trained.append(seed)
+        time.sleep(0.5)  # long enough for the other thread to reach the lock
+        return train(seed, 1)
+
+    monkeypatch.setattr(quality, "_train_classifier", train_briefly)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(quality.train_classifier.__wrapped__(0))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert trained == [0] and len(results) == 2
+    x = load_digits_split("test")["image"][:16]
+    np.testing.assert_array_equal(results[0].features(x), results[1].features(x))
+    assert len(list((tmp_path / "quality").glob("*.safetensors"))) == 1

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from workshop_dist.data.digits import MAX_LEVEL, load_digits_split
+from workshop_dist.data.digits import MAX_LEVEL, exclusive_lock, load_digits_split
 
 NUM_CLASSES = 10
 FEATURE_DIM = 64
@@ -128,23 +128,40 @@ def train_classifier(seed: int = 0, steps: int | None = None) -> Classifier:
     recipe = f"jit-e{EPOCHS}-b{BATCH_SIZE}-lr{LEARNING_RATE:g}-wd{WEIGHT_DECAY:g}-jax{jax.__version__}"
     root = Path(os.environ.get("WORKSHOP_CACHE_DIR") or "~/.cache/workshop_dist").expanduser()
     path = root / "quality" / f"digits_cnn_seed{seed}_{recipe}.safetensors"
-    if path.is_file():
-        try:
-            tensors, metadata = weights.read_safetensors(path)
-            model = nnx.eval_shape(lambda: DigitsCNN(rngs=nnx.Rngs(seed)))
-            weights.load_tensors(model, tensors, source=str(path))
-            graphdef, params = nnx.split(model)
-            return Classifier(graphdef, params, float(metadata["train_accuracy"]), float(metadata["test_accuracy"]))
-        except (weights.WeightsError, KeyError, ValueError):
-            pass  # damaged or of another layout: train it again
-    import logging
+    if (classifier := _cached_classifier(path, seed)) is not None:
+        return classifier
+    with contextlib.ExitStack() as held:
+        # Processes that start together (test workers, the hosts of one machine) train it once
+        # between them; in a read-only home each process trains its own.
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive_lock(path.with_suffix(".lock")))
+        if (classifier := _cached_classifier(path, seed)) is not None:  # trained while this one waited
+            return classifier
+        import logging
 
-    logging.getLogger("workshop_dist").info("Training the digits quality classifier once (about a minute); kept in %s.", path)
-    classifier = _train_classifier(seed, None)
-    accuracies = {"train_accuracy": repr(classifier.train_accuracy), "test_accuracy": repr(classifier.test_accuracy)}
-    with contextlib.suppress(weights.WeightsError):  # a read-only home: train it in every process
-        weights.write_safetensors(path, weights.model_tensors(nnx.merge(classifier.graphdef, classifier.state)), accuracies)
+        logging.getLogger("workshop_dist").info("Training the digits quality classifier once (about a minute); kept in %s.", path)
+        classifier = _train_classifier(seed, None)
+        accuracies = {"train_accuracy": repr(classifier.train_accuracy), "test_accuracy": repr(classifier.test_accuracy)}
+        with contextlib.suppress(weights.WeightsError):  # a read-only home: train it in every process
+            weights.write_safetensors(path, weights.model_tensors(nnx.merge(classifier.graphdef, classifier.state)), accuracies)
     return classifier
+
+
+def _cached_classifier(path, seed: int) -> Classifier | None:
+    """The classifier kept at ``path``, or None when there is none (or it is damaged: trained again)."""
+    from workshop_dist import weights
+
+    if not path.is_file():
+        return None
+    try:
+        tensors, metadata = weights.read_safetensors(path)
+        model = nnx.eval_shape(lambda: DigitsCNN(rngs=nnx.Rngs(seed)))
+        weights.load_tensors(model, tensors, source=str(path))
+        graphdef, params = nnx.split(model)
+        return Classifier(graphdef, params, float(metadata["train_accuracy"]), float(metadata["test_accuracy"]))
+    except (weights.WeightsError, KeyError, ValueError):
+        return None
 
 
 def _train_classifier(seed: int, steps: int | None) -> Classifier:

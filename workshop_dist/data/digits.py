@@ -45,7 +45,7 @@ def prepare_digits(data_dir: str | Path) -> Path:
     if is_prepared(data_dir):
         return data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(data_dir / f".{TFDS_NAME}.lock"):
+    with exclusive_lock(data_dir / f".{TFDS_NAME}.lock"):
         if not is_prepared(data_dir):
             _build(data_dir)
     return data_dir
@@ -67,7 +67,7 @@ def _build(data_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
     """``flock`` on ``path``: held by one process (or open file) at a time, freed if it dies."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
@@ -34,7 +33,9 @@ _NFE: dict[str, Callable[[int], int]] = {
 }
 # FSAL Runge-Kutta pairs: new field evaluations per attempted step (the first stage is the
 # previous step's last), plus one evaluation at the start (measured in tests/test_samplers.py).
-_ADAPTIVE = {"dopri5": (diffrax.Dopri5, 6), "tsit5": (diffrax.Tsit5, 6)}
+# diffrax's classes by name: diffrax (with equinox, optimistix, lineax) is imported only by the
+# adaptive solve, which keeps it out of every process's start-up (about a third of the import).
+_ADAPTIVE = {"dopri5": ("Dopri5", 6), "tsit5": ("Tsit5", 6)}
 ADAPTIVE_SOLVERS = tuple(_ADAPTIVE)
 
 
@@ -176,7 +177,10 @@ def adaptive(
     """
     if solver not in _ADAPTIVE:
         raise ValueError(f"unknown adaptive solver {solver!r}; choose one of {list(_ADAPTIVE)}")
-    solver_cls, per_step = _ADAPTIVE[solver]
+    import diffrax
+
+    solver_name, per_step = _ADAPTIVE[solver]
+    solver_cls = getattr(diffrax, solver_name)
 
     def solve(y0: jax.Array, arg: object) -> tuple[jax.Array, jax.Array]:
         one = jax.tree.map(lambda a: a[None], arg)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +39,8 @@ def log_density(
     Hutchinson probes and are needed only when ``exact`` is False (default: exact up to
     256 dimensions).
     """
+    import diffrax  # here, not at the top: only likelihood evaluation needs it (a slow import)
+
     dims = math.prod(x.shape[1:])
     exact = dims <= EXACT_MAX_DIMS if exact is None else exact
     if not exact and keys is None:
